@@ -11,3 +11,7 @@ class ConfigError(BonsaiError):
 
 class WeightsError(BonsaiError):
     """A checkpoint file is unreadable, or its tensors do not match the model."""
+
+
+class PromptError(BonsaiError):
+    """A prompt or a token batch cannot be encoded (empty prompt, bad ids or attention mask)."""
