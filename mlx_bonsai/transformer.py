@@ -414,12 +414,35 @@ class Transformer(nn.Module):
 
 
 def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
-    """Build the transformer from `directory/config.json` and load its safetensors weights."""
+    """Build the transformer from `directory/config.json` and load its safetensors weights.
+
+    Dense (diffusers), PrismML's MLX packs (with `quantization_config.json`) and bonsai-packed
+    (with `bonsai.json`) directories all load here; `quant.match_storage` picks each linear's
+    storage from its tensors. Dense tensors are cast to `dtype`; quantization scales keep their
+    stored dtype.
+    """
     directory = Path(directory)
-    cfg = TransformerConfig.from_dict(
-        read_json(directory / "config.json"), str(directory / "config.json")
-    )
+    config_path = directory / "config.json"
+    cfg = TransformerConfig.from_dict(read_json(config_path), str(config_path))
+    manifest = directory / "bonsai.json"
+    if manifest.is_file():
+        check_manifest(read_json(manifest), str(manifest))
+    qconfig = directory / "quantization_config.json"
+    quantization = read_json(qconfig) if qconfig.is_file() else None
     model = Transformer(cfg)
-    weights = cast_floats(load_safetensors_dir(directory), dtype)
-    load_into(model, weights, str(directory))
+    weights = quant.match_storage(
+        model, load_safetensors_dir(directory), str(directory), quantization
+    )
+    load_into(model, cast_floats(weights, dtype, keep=(".scales", ".biases")), str(directory))
     return model
+
+
+def check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """Refuse bonsai-packed versions this release cannot read."""
+    if manifest.get("format") != "bonsai-packed":
+        raise ConfigError(f"{where}: format {manifest.get('format')!r} is not 'bonsai-packed'")
+    if manifest.get("version") != 1:
+        raise ConfigError(
+            f"{where}: bonsai-packed version {manifest.get('version')!r} is not supported by "
+            "this mlx_bonsai (it reads version 1); upgrade mlx_bonsai"
+        )

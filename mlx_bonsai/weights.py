@@ -84,8 +84,12 @@ def load_into(module: nn.Module, weights: dict[str, mx.array], where: str) -> No
     module.update(tree_unflatten(list(weights.items())))
 
 
-def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Cast floating-point tensors to `dtype`; packed integer tensors are left as they are."""
+def cast_floats(
+    weights: dict[str, mx.array], dtype: mx.Dtype, keep: tuple[str, ...] = ()
+) -> dict[str, mx.array]:
+    """Cast floating-point tensors to `dtype`; packed integer tensors, and tensors whose name
+    ends with one of `keep`, are left as they are."""
     return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(keep) else v
+        for k, v in weights.items()
     }
