@@ -1,0 +1,28 @@
+// CUDA twin of packed_decode.metal for mx.fast.cuda_kernel: thread i decodes the run of 16 inputs
+// i of dense[Nc, K] (T) and writes it with 16-byte stores. MLX generates the signature
+// (weight, scales, scales_shape, dense) and defines template T (__half | __nv_bfloat16 | float),
+// S, TERNARY as constants.
+//   grid (Nc * K / 16, 1, 1), threadgroup (256, 1, 1)
+
+const int N = scales_shape[0];
+const int groups = scales_shape[1];
+const int K = groups * BONSAI_GROUP;
+const size_t i = size_t(blockIdx.x) * size_t(blockDim.x) + size_t(threadIdx.x);
+if (i >= size_t(N) * size_t(K / 16)) {
+  return;
+}
+const int n = int(i / size_t(K / 16));
+const int k = int(i % size_t(K / 16)) * 16;
+const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+BonsaiCodes16 codes;
+if (TERNARY) {
+  const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                   size_t(bonsai_ternary_byte(k));
+  const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+                       (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+  codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
+} else {
+  const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
+  codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+}
+bonsai_store16<T>(dense + i * 16, codes, scale);
