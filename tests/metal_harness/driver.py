@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,9 @@ CXXFLAGS = [
     f"-I{HERE}",
     f"-I{HERE / 'include'}",  # <metal_stdlib> and friends
 ]
+if platform.machine() in ("x86_64", "AMD64"):
+    # msl_runtime.h switches stacks by hand: keep CET shadow stacks off for these binaries.
+    CXXFLAGS.append("-fcf-protection=none")
 SCHEDULES = ("forward", "reverse", "random")
 POISON = (0xFF, 0x7F, 0xFE)  # per schedule; must match kPoison in msl_runtime.h
 RUN_TIMEOUT_S = float(os.environ.get("MSL_HARNESS_TIMEOUT", "600"))
@@ -73,22 +77,29 @@ def _toolchain_key() -> str:
     """What compiled binaries depend on besides the translation unit."""
     h = hashlib.sha256()
     h.update(" ".join([CXX, *CXXFLAGS]).encode())
-    for path in sorted([*HERE.glob("*.h"), *HERE.glob("include/*")]):
+    for path in sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp"), *HERE.glob("include/*")]):
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def _precompiled_shim(toolchain: str) -> Path:
-    """Directory holding msl_shim.h.gch (found before msl_shim.h itself), built once."""
-    d = cache_dir() / f"pch-{toolchain[:16]}"
-    gch = d / "msl_shim.h.gch"
-    if not gch.exists():
-        d.mkdir(exist_ok=True)
-        tmp = d / f"msl_shim.h.gch.{os.getpid()}.tmp"
-        cmd = [CXX, *CXXFLAGS, "-x", "c++-header", str(HERE / "msl_shim.h"), "-o", str(tmp)]
-        subprocess.run(cmd, check=True, capture_output=True)
-        os.replace(tmp, gch)
-    return d
+def _prebuilt(toolchain: str) -> tuple[Path, Path]:
+    """(directory holding msl_shim.h.gch, msl_runtime.o), built once per toolchain.
+
+    The precompiled header is found before msl_shim.h itself; together they leave only the
+    kernel and its glue to compile per kernel.
+    """
+    d = cache_dir() / f"prebuilt-{toolchain[:16]}"
+    d.mkdir(exist_ok=True)
+    gch, obj = d / "msl_shim.h.gch", d / "msl_runtime.o"
+    for out, args in (
+        (gch, ["-x", "c++-header", str(HERE / "msl_shim.h")]),
+        (obj, ["-c", str(HERE / "msl_runtime.cpp")]),
+    ):
+        if not out.exists():
+            tmp = d / f"{out.name}.{os.getpid()}.tmp"
+            subprocess.run([CXX, *CXXFLAGS, *args, "-o", str(tmp)], check=True, capture_output=True)
+            os.replace(tmp, out)
+    return d, obj
 
 
 def compile_unit(tu: str, kernel_name: str) -> Path:
@@ -102,9 +113,11 @@ def compile_unit(tu: str, kernel_name: str) -> Path:
     src = d / f"{key}.cpp"
     src.write_text(tu)
     tmp = d / f"{key}.{os.getpid()}.tmp"
-    pch = f"-I{_precompiled_shim(toolchain)}"
+    pch_dir, runtime = _prebuilt(toolchain)
     result = subprocess.run(
-        [CXX, pch, *CXXFLAGS, str(src), "-o", str(tmp)], capture_output=True, text=True
+        [CXX, f"-I{pch_dir}", *CXXFLAGS, str(src), str(runtime), "-o", str(tmp)],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -155,7 +168,6 @@ class Kernel:
         output_names: Sequence[str],
         source: str,
         header: str,
-        ensure_row_contiguous: bool,
         atomic_outputs: bool,
     ):
         if not output_names:
@@ -169,9 +181,6 @@ class Kernel:
         self.output_names = list(output_names)
         self.source = source
         self.header = header
-        # The harness always passes row-contiguous copies (with their true shapes/strides), a
-        # layout a kernel launched without ensure_row_contiguous must handle too.
-        self.ensure_row_contiguous = ensure_row_contiguous
 
     def __call__(
         self,
@@ -184,7 +193,7 @@ class Kernel:
         template: Sequence[tuple[str, object]] | None = None,
         init_value: float | None = None,
         verbose: bool = False,
-        stream: object = None,
+        stream: object = None,  # the harness has one "device": the CPU
     ) -> list[mx.array]:
         for given, expected, what in (
             (len(inputs), len(self.input_names), "inputs"),
@@ -333,9 +342,9 @@ def metal_kernel(
     if set(compile_options or {}) - {"math_mode"} or math_mode != "safe":
         # The harness computes IEEE results; it cannot stand in for relaxed/fast math.
         raise HarnessError(f"kernel {name}: the MSL harness supports only math_mode 'safe'")
-    return Kernel(
-        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
-    )
+    # ensure_row_contiguous needs no action: inputs always go in row-contiguous (with their true
+    # shapes/strides), a layout a kernel launched without it must handle too.
+    return Kernel(name, input_names, output_names, source, header, atomic_outputs)
 
 
 def have_compiler() -> bool:

@@ -2,7 +2,9 @@
 // under the harness, written for g++ from Apple's MSL specification. Anything not defined here
 // fails to compile; known MSL features that are deliberately absent fail with a static_assert
 // that names them (see the end of this file). README.md lists what is covered.
-#pragma once
+// (An include guard, not #pragma once: it must also hold when the header comes precompiled.)
+#ifndef MSLH_SHIM_H
+#define MSLH_SHIM_H
 
 #include <bit>
 
@@ -79,30 +81,40 @@ struct from_bits_t {};
 
 }  // namespace detail
 
-#define MSLH_LOWP_TYPE(NAME, TO_BITS, TO_FLOAT)                                               \
-  struct NAME {                                                                               \
-    uint16_t bits_;                                                                           \
-    NAME() = default;                                                                         \
-    constexpr NAME(detail::from_bits_t, uint16_t b) : bits_(b) {}                             \
-    constexpr NAME(float f) : bits_(detail::TO_BITS(f)) {}                                    \
-    constexpr NAME(double d) : bits_(detail::TO_BITS(float(d))) {}                            \
-    template <class I>                                                                        \
-      requires std::is_integral_v<I>                                                          \
-    constexpr NAME(I i) : bits_(detail::TO_BITS(float(i))) {}                                 \
-    constexpr operator float() const { return detail::TO_FLOAT(bits_); }                      \
-    constexpr NAME operator-() const { return NAME(detail::from_bits_t{}, uint16_t(bits_ ^ 0x8000u)); } \
-    constexpr NAME operator+() const { return *this; }                                        \
-    template <class B>                                                                        \
-    NAME& operator+=(B b) { return *this = NAME(*this + b); }                                 \
-    template <class B>                                                                        \
-    NAME& operator-=(B b) { return *this = NAME(*this - b); }                                 \
-    template <class B>                                                                        \
-    NAME& operator*=(B b) { return *this = NAME(*this * b); }                                 \
-    template <class B>                                                                        \
-    NAME& operator/=(B b) { return *this = NAME(*this / b); }                                 \
-    NAME& operator++() { return *this = NAME(float(*this) + 1.0f); }                          \
-    NAME& operator--() { return *this = NAME(float(*this) - 1.0f); }                          \
-  };                                                                                          \
+#define MSLH_LOWP_TYPE(NAME, TO_BITS, TO_FLOAT)                          \
+  struct NAME {                                                          \
+    uint16_t bits_;                                                      \
+    NAME() = default;                                                    \
+    constexpr NAME(detail::from_bits_t, uint16_t b) : bits_(b) {}        \
+    constexpr NAME(float f) : bits_(detail::TO_BITS(f)) {}               \
+    constexpr NAME(double d) : bits_(detail::TO_BITS(float(d))) {}       \
+    template <class I>                                                   \
+      requires std::is_integral_v<I>                                     \
+    constexpr NAME(I i) : bits_(detail::TO_BITS(float(i))) {}            \
+    constexpr operator float() const { return detail::TO_FLOAT(bits_); } \
+    constexpr NAME operator-() const {                                   \
+      return NAME(detail::from_bits_t{}, uint16_t(bits_ ^ 0x8000u));     \
+    }                                                                    \
+    constexpr NAME operator+() const { return *this; }                   \
+    template <class B>                                                   \
+    NAME& operator+=(B b) {                                              \
+      return *this = NAME(*this + b);                                    \
+    }                                                                    \
+    template <class B>                                                   \
+    NAME& operator-=(B b) {                                              \
+      return *this = NAME(*this - b);                                    \
+    }                                                                    \
+    template <class B>                                                   \
+    NAME& operator*=(B b) {                                              \
+      return *this = NAME(*this * b);                                    \
+    }                                                                    \
+    template <class B>                                                   \
+    NAME& operator/=(B b) {                                              \
+      return *this = NAME(*this / b);                                    \
+    }                                                                    \
+    NAME& operator++() { return *this = NAME(float(*this) + 1.0f); }     \
+    NAME& operator--() { return *this = NAME(float(*this) - 1.0f); }     \
+  };                                                                     \
   static_assert(sizeof(NAME) == 2 && std::is_trivially_copyable_v<NAME>);
 
 MSLH_LOWP_TYPE(half, f32_to_f16, f16_to_f32)
@@ -120,32 +132,31 @@ concept Scalar = std::is_arithmetic_v<T> || is_lowp_v<T>;
 template <class A, class B>
 using lowp_result_t = std::conditional_t<
     std::is_same_v<A, B>, A,
-    std::conditional_t<
-        is_lowp_v<A> && std::is_integral_v<B>, A,
-        std::conditional_t<is_lowp_v<B> && std::is_integral_v<A>, B,
-                           std::conditional_t<std::is_floating_point_v<A> ||
-                                                  std::is_floating_point_v<B>,
-                                              float, void>>>>;
+    std::conditional_t<is_lowp_v<A> && std::is_integral_v<B>, A,
+                       std::conditional_t<is_lowp_v<B> && std::is_integral_v<A>, B,
+                                          std::conditional_t<std::is_floating_point_v<A> ||
+                                                                 std::is_floating_point_v<B>,
+                                                             float, void>>>>;
 template <class A, class B>
 concept LowpPair = Scalar<A> && Scalar<B> && (is_lowp_v<A> || is_lowp_v<B>) &&
                    !std::is_void_v<lowp_result_t<A, B>>;
 
-#define MSLH_LOWP_BINOP(OP)                                                   \
-  template <class A, class B>                                                 \
-    requires LowpPair<A, B>                                                   \
-  constexpr lowp_result_t<A, B> operator OP(A a, B b) {                       \
-    return lowp_result_t<A, B>(float(a) OP float(b));                         \
+#define MSLH_LOWP_BINOP(OP)                             \
+  template <class A, class B>                           \
+    requires LowpPair<A, B>                             \
+  constexpr lowp_result_t<A, B> operator OP(A a, B b) { \
+    return lowp_result_t<A, B>(float(a) OP float(b));   \
   }
 MSLH_LOWP_BINOP(+)
 MSLH_LOWP_BINOP(-)
 MSLH_LOWP_BINOP(*)
 MSLH_LOWP_BINOP(/)
 #undef MSLH_LOWP_BINOP
-#define MSLH_LOWP_CMP(OP)                                                     \
-  template <class A, class B>                                                 \
-    requires LowpPair<A, B>                                                   \
-  constexpr bool operator OP(A a, B b) {                                      \
-    return float(a) OP float(b);                                              \
+#define MSLH_LOWP_CMP(OP)                \
+  template <class A, class B>            \
+    requires LowpPair<A, B>              \
+  constexpr bool operator OP(A a, B b) { \
+    return float(a) OP float(b);         \
   }
 MSLH_LOWP_CMP(==)
 MSLH_LOWP_CMP(!=)
@@ -212,8 +223,7 @@ struct vec : vec_storage<T, N> {
   }
   // Component-wise construction from scalars and smaller vectors: float4(a.xy, z, w).
   template <class A0, class A1, class... A>
-    requires(components<A0>::value + components<A1>::value + (0 + ... + components<A>::value) ==
-             N)
+    requires(components<A0>::value + components<A1>::value + (0 + ... + components<A>::value) == N)
   constexpr vec(const A0& a0, const A1& a1, const A&... a) {
     int k = 0;
     put(k, a0);
@@ -228,34 +238,56 @@ struct vec : vec_storage<T, N> {
   }
 
   T& operator[](unsigned i) {
-    if (i >= unsigned(N)) mslh::fail("vector component index %u out of range for a %d-vector", i, N);
+    if (i >= unsigned(N))
+      mslh::fail("vector component index %u out of range for a %d-vector", i, N);
     return this->v[i];
   }
   const T& operator[](unsigned i) const {
-    if (i >= unsigned(N)) mslh::fail("vector component index %u out of range for a %d-vector", i, N);
+    if (i >= unsigned(N))
+      mslh::fail("vector component index %u out of range for a %d-vector", i, N);
     return this->v[i];
   }
 
   template <class B>
-  vec& operator+=(const B& b) { return *this = *this + b; }
+  vec& operator+=(const B& b) {
+    return *this = *this + b;
+  }
   template <class B>
-  vec& operator-=(const B& b) { return *this = *this - b; }
+  vec& operator-=(const B& b) {
+    return *this = *this - b;
+  }
   template <class B>
-  vec& operator*=(const B& b) { return *this = *this * b; }
+  vec& operator*=(const B& b) {
+    return *this = *this * b;
+  }
   template <class B>
-  vec& operator/=(const B& b) { return *this = *this / b; }
+  vec& operator/=(const B& b) {
+    return *this = *this / b;
+  }
   template <class B>
-  vec& operator%=(const B& b) { return *this = *this % b; }
+  vec& operator%=(const B& b) {
+    return *this = *this % b;
+  }
   template <class B>
-  vec& operator&=(const B& b) { return *this = *this & b; }
+  vec& operator&=(const B& b) {
+    return *this = *this & b;
+  }
   template <class B>
-  vec& operator|=(const B& b) { return *this = *this | b; }
+  vec& operator|=(const B& b) {
+    return *this = *this | b;
+  }
   template <class B>
-  vec& operator^=(const B& b) { return *this = *this ^ b; }
+  vec& operator^=(const B& b) {
+    return *this = *this ^ b;
+  }
   template <class B>
-  vec& operator<<=(const B& b) { return *this = *this << b; }
+  vec& operator<<=(const B& b) {
+    return *this = *this << b;
+  }
   template <class B>
-  vec& operator>>=(const B& b) { return *this = *this >> b; }
+  vec& operator>>=(const B& b) {
+    return *this = *this >> b;
+  }
 
  private:
   template <class S>
@@ -268,22 +300,22 @@ struct vec : vec_storage<T, N> {
   }
 };
 
-#define MSLH_VEC_BINOP(OP)                                                            \
-  template <class T, int N>                                                           \
-  constexpr vec<T, N> operator OP(const vec<T, N>& a, const vec<T, N>& b) {           \
-    vec<T, N> r;                                                                      \
-    for (int i = 0; i < N; ++i) r.v[i] = T(a.v[i] OP b.v[i]);                         \
-    return r;                                                                         \
-  }                                                                                   \
-  template <class T, int N, class S>                                                  \
-    requires Scalar<S>                                                                \
-  constexpr vec<T, N> operator OP(const vec<T, N>& a, S b) {                          \
-    return a OP vec<T, N>(b);                                                         \
-  }                                                                                   \
-  template <class T, int N, class S>                                                  \
-    requires Scalar<S>                                                                \
-  constexpr vec<T, N> operator OP(S a, const vec<T, N>& b) {                          \
-    return vec<T, N>(a) OP b;                                                         \
+#define MSLH_VEC_BINOP(OP)                                                  \
+  template <class T, int N>                                                 \
+  constexpr vec<T, N> operator OP(const vec<T, N>& a, const vec<T, N>& b) { \
+    vec<T, N> r;                                                            \
+    for (int i = 0; i < N; ++i) r.v[i] = T(a.v[i] OP b.v[i]);               \
+    return r;                                                               \
+  }                                                                         \
+  template <class T, int N, class S>                                        \
+    requires Scalar<S>                                                      \
+  constexpr vec<T, N> operator OP(const vec<T, N>& a, S b) {                \
+    return a OP vec<T, N>(b);                                               \
+  }                                                                         \
+  template <class T, int N, class S>                                        \
+    requires Scalar<S>                                                      \
+  constexpr vec<T, N> operator OP(S a, const vec<T, N>& b) {                \
+    return vec<T, N>(a) OP b;                                               \
   }
 MSLH_VEC_BINOP(+)
 MSLH_VEC_BINOP(-)
@@ -297,22 +329,22 @@ MSLH_VEC_BINOP(<<)
 MSLH_VEC_BINOP(>>)
 #undef MSLH_VEC_BINOP
 
-#define MSLH_VEC_CMP(OP)                                                              \
-  template <class T, int N>                                                           \
-  constexpr vec<bool, N> operator OP(const vec<T, N>& a, const vec<T, N>& b) {        \
-    vec<bool, N> r;                                                                   \
-    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] OP b.v[i];                            \
-    return r;                                                                         \
-  }                                                                                   \
-  template <class T, int N, class S>                                                  \
-    requires Scalar<S>                                                                \
-  constexpr vec<bool, N> operator OP(const vec<T, N>& a, S b) {                       \
-    return a OP vec<T, N>(b);                                                         \
-  }                                                                                   \
-  template <class T, int N, class S>                                                  \
-    requires Scalar<S>                                                                \
-  constexpr vec<bool, N> operator OP(S a, const vec<T, N>& b) {                       \
-    return vec<T, N>(a) OP b;                                                         \
+#define MSLH_VEC_CMP(OP)                                                       \
+  template <class T, int N>                                                    \
+  constexpr vec<bool, N> operator OP(const vec<T, N>& a, const vec<T, N>& b) { \
+    vec<bool, N> r;                                                            \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] OP b.v[i];                     \
+    return r;                                                                  \
+  }                                                                            \
+  template <class T, int N, class S>                                           \
+    requires Scalar<S>                                                         \
+  constexpr vec<bool, N> operator OP(const vec<T, N>& a, S b) {                \
+    return a OP vec<T, N>(b);                                                  \
+  }                                                                            \
+  template <class T, int N, class S>                                           \
+    requires Scalar<S>                                                         \
+  constexpr vec<bool, N> operator OP(S a, const vec<T, N>& b) {                \
+    return vec<T, N>(a) OP b;                                                  \
   }
 MSLH_VEC_CMP(==)
 MSLH_VEC_CMP(!=)
@@ -409,19 +441,19 @@ constexpr bool any(bool a) { return a; }
 template <class T>
 concept Float = std::is_same_v<T, float> || is_lowp_v<T>;
 
-#define MSLH_MATH1(NAME, EXPR)                                                        \
-  template <class T>                                                                  \
-    requires Float<T>                                                                 \
-  T NAME(T x_) {                                                                      \
-    float x = float(x_);                                                              \
-    return T(EXPR);                                                                   \
-  }                                                                                   \
-  template <class T, int N>                                                           \
-    requires Float<T>                                                                 \
-  vec<T, N> NAME(const vec<T, N>& a) {                                                \
-    vec<T, N> r;                                                                      \
-    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i]);                                \
-    return r;                                                                         \
+#define MSLH_MATH1(NAME, EXPR)                         \
+  template <class T>                                   \
+    requires Float<T>                                  \
+  T NAME(T x_) {                                       \
+    float x = float(x_);                               \
+    return T(EXPR);                                    \
+  }                                                    \
+  template <class T, int N>                            \
+    requires Float<T>                                  \
+  vec<T, N> NAME(const vec<T, N>& a) {                 \
+    vec<T, N> r;                                       \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i]); \
+    return r;                                          \
   }
 MSLH_MATH1(exp, std::exp(x))
 MSLH_MATH1(exp2, std::exp2(x))
@@ -451,19 +483,19 @@ MSLH_MATH1(sign, (x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : x))
 MSLH_MATH1(erf, std::erf(x))
 #undef MSLH_MATH1
 
-#define MSLH_MATH2(NAME, EXPR)                                                        \
-  template <class T>                                                                  \
-    requires Float<T>                                                                 \
-  T NAME(T x_, T y_) {                                                                \
-    float x = float(x_), y = float(y_);                                               \
-    return T(EXPR);                                                                   \
-  }                                                                                   \
-  template <class T, int N>                                                           \
-    requires Float<T>                                                                 \
-  vec<T, N> NAME(const vec<T, N>& a, const vec<T, N>& b) {                            \
-    vec<T, N> r;                                                                      \
-    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i], b.v[i]);                        \
-    return r;                                                                         \
+#define MSLH_MATH2(NAME, EXPR)                                 \
+  template <class T>                                           \
+    requires Float<T>                                          \
+  T NAME(T x_, T y_) {                                         \
+    float x = float(x_), y = float(y_);                        \
+    return T(EXPR);                                            \
+  }                                                            \
+  template <class T, int N>                                    \
+    requires Float<T>                                          \
+  vec<T, N> NAME(const vec<T, N>& a, const vec<T, N>& b) {     \
+    vec<T, N> r;                                               \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i], b.v[i]); \
+    return r;                                                  \
   }
 MSLH_MATH2(pow, std::pow(x, y))
 MSLH_MATH2(powr, std::pow(x, y))
@@ -594,7 +626,8 @@ template <class T>
   requires std::is_integral_v<T>
 T extract_bits(T x, unsigned offset, unsigned bits) {
   constexpr unsigned W = sizeof(T) * 8;
-  if (offset + bits > W) mslh::fail("extract_bits(offset=%u, bits=%u) beyond %u bits", offset, bits, W);
+  if (offset + bits > W)
+    mslh::fail("extract_bits(offset=%u, bits=%u) beyond %u bits", offset, bits, W);
   if (bits == 0) return T(0);
   using U = std::make_unsigned_t<T>;
   U u = U(U(x) << (W - offset - bits));
@@ -640,16 +673,16 @@ using metal::tanh;
 
 template <class T>
 struct numeric_limits : std::numeric_limits<T> {};
-#define MSLH_LOWP_LIMITS(T, MAX, LOWEST, MIN, EPS, INF, NAN_)                                \
-  template <>                                                                             \
-  struct numeric_limits<T> {                                                              \
-    static constexpr bool is_specialized = true;                                          \
-    static constexpr T max() { return T(detail::from_bits_t{}, MAX); }                    \
-    static constexpr T lowest() { return T(detail::from_bits_t{}, LOWEST); }              \
-    static constexpr T min() { return T(detail::from_bits_t{}, MIN); }                    \
-    static constexpr T epsilon() { return T(detail::from_bits_t{}, EPS); }                \
-    static constexpr T infinity() { return T(detail::from_bits_t{}, INF); }               \
-    static constexpr T quiet_NaN() { return T(detail::from_bits_t{}, NAN_); }             \
+#define MSLH_LOWP_LIMITS(T, MAX, LOWEST, MIN, EPS, INF, NAN_)                 \
+  template <>                                                                 \
+  struct numeric_limits<T> {                                                  \
+    static constexpr bool is_specialized = true;                              \
+    static constexpr T max() { return T(detail::from_bits_t{}, MAX); }        \
+    static constexpr T lowest() { return T(detail::from_bits_t{}, LOWEST); }  \
+    static constexpr T min() { return T(detail::from_bits_t{}, MIN); }        \
+    static constexpr T epsilon() { return T(detail::from_bits_t{}, EPS); }    \
+    static constexpr T infinity() { return T(detail::from_bits_t{}, INF); }   \
+    static constexpr T quiet_NaN() { return T(detail::from_bits_t{}, NAN_); } \
   };
 MSLH_LOWP_LIMITS(half, 0x7bff, 0xfbff, 0x0400, 0x1400, 0x7c00, 0x7e00)
 MSLH_LOWP_LIMITS(bfloat, 0x7f7f, 0xff7f, 0x0080, 0x3c00, 0x7f80, 0x7fc0)
@@ -666,14 +699,18 @@ enum class mem_flags : unsigned {
   mem_threadgroup_imageblock = 8,
   mem_object_data = 16,
 };
-constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
+constexpr mem_flags operator|(mem_flags a, mem_flags b) {
+  return mem_flags(unsigned(a) | unsigned(b));
+}
 
 // All threads of the threadgroup must reach the same barrier call; the harness's memory is
 // sequentially consistent, so the flags only document intent.
-inline void threadgroup_barrier(mem_flags, std::source_location loc = std::source_location::current()) {
+inline void threadgroup_barrier(mem_flags,
+                                std::source_location loc = std::source_location::current()) {
   mslh::threadgroup_rendezvous(mslh::site_of(loc));
 }
-inline void simdgroup_barrier(mem_flags, std::source_location loc = std::source_location::current()) {
+inline void simdgroup_barrier(mem_flags,
+                              std::source_location loc = std::source_location::current()) {
   mslh::simd_rendezvous(mslh::Op::kSimdBarrier, mslh::site_of(loc), nullptr, 0, nullptr, false);
 }
 
@@ -769,19 +806,23 @@ T broadcast(mslh::Op op, const T& x, int32_t lane, const std::source_location& l
 #define MSLH_LOC std::source_location loc = std::source_location::current()
 template <class T>
 T simd_sum(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kSum, x, loc, [](T a, T b) { return T(a + b); }, false, false, T(0));
+  return detail::reduce(
+      mslh::Op::kSum, x, loc, [](T a, T b) { return T(a + b); }, false, false, T(0));
 }
 template <class T>
 T simd_product(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kProd, x, loc, [](T a, T b) { return T(a * b); }, false, false, T(1));
+  return detail::reduce(
+      mslh::Op::kProd, x, loc, [](T a, T b) { return T(a * b); }, false, false, T(1));
 }
 template <class T>
 T simd_max(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kMax, x, loc, [](T a, T b) { return max(a, b); }, false, false, x);
+  return detail::reduce(
+      mslh::Op::kMax, x, loc, [](T a, T b) { return max(a, b); }, false, false, x);
 }
 template <class T>
 T simd_min(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kMin, x, loc, [](T a, T b) { return min(a, b); }, false, false, x);
+  return detail::reduce(
+      mslh::Op::kMin, x, loc, [](T a, T b) { return min(a, b); }, false, false, x);
 }
 template <class T>
 T simd_and(T x, MSLH_LOC) {
@@ -796,20 +837,22 @@ T simd_xor(T x, MSLH_LOC) {
   return detail::reduce(mslh::Op::kXor, x, loc, [](T a, T b) { return T(a ^ b); }, false, false, x);
 }
 inline bool simd_all(bool x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kAll, x, loc, [](bool a, bool b) { return a && b; }, false, false, x);
+  return detail::reduce(
+      mslh::Op::kAll, x, loc, [](bool a, bool b) { return a && b; }, false, false, x);
 }
 inline bool simd_any(bool x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kAny, x, loc, [](bool a, bool b) { return a || b; }, false, false, x);
+  return detail::reduce(
+      mslh::Op::kAny, x, loc, [](bool a, bool b) { return a || b; }, false, false, x);
 }
 template <class T>
 T simd_prefix_inclusive_sum(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kPrefixInclusiveSum, x, loc, [](T a, T b) { return T(a + b); },
-                        true, false, T(0));
+  return detail::reduce(
+      mslh::Op::kPrefixInclusiveSum, x, loc, [](T a, T b) { return T(a + b); }, true, false, T(0));
 }
 template <class T>
 T simd_prefix_exclusive_sum(T x, MSLH_LOC) {
-  return detail::reduce(mslh::Op::kPrefixExclusiveSum, x, loc, [](T a, T b) { return T(a + b); },
-                        false, true, T(0));
+  return detail::reduce(
+      mslh::Op::kPrefixExclusiveSum, x, loc, [](T a, T b) { return T(a + b); }, false, true, T(0));
 }
 template <class T>
 T simd_shuffle(T x, unsigned short lane, MSLH_LOC) {
@@ -870,22 +913,25 @@ const MatIo<T>& uniform_io(const mslh::SimdGroup& g, int buf) {
     const MatIo<T>& b = *reinterpret_cast<const MatIo<T>*>(g.slots[buf][l]);
     if (a.ptr != b.ptr || a.elements_per_row != b.elements_per_row || a.origin_x != b.origin_x ||
         a.origin_y != b.origin_y || a.transpose != b.transpose)
-      mslh::fail("%s (%s:%u): arguments differ between lanes 0 and %d (pointer, elements_per_row, "
-                 "matrix_origin and transpose must be the same in every lane)",
-                 mslh::op_name(g.op), g.site.file, g.site.line, l);
+      mslh::fail(
+          "%s (%s:%u): arguments differ between lanes 0 and %d (pointer, elements_per_row, "
+          "matrix_origin and transpose must be the same in every lane)",
+          mslh::op_name(g.op), g.site.file, g.site.line, l);
   }
   if (a.transpose && (a.origin_x || a.origin_y))
-    mslh::fail("%s (%s:%u): matrix_origin together with transpose_matrix is not supported by the "
-               "harness (its meaning is not pinned down); offset the pointer instead",
-               mslh::op_name(g.op), g.site.file, g.site.line);
+    mslh::fail(
+        "%s (%s:%u): matrix_origin together with transpose_matrix is not supported by the "
+        "harness (its meaning is not pinned down); offset the pointer instead",
+        mslh::op_name(g.op), g.site.file, g.site.line);
   return a;
 }
 
 // Memory offset of matrix element (r, c).
 template <class T>
 uint64_t mat_offset(const MatIo<T>& io, int r, int c) {
-  return io.transpose ? uint64_t(c) * io.elements_per_row + uint64_t(r)
-                      : (io.origin_y + uint64_t(r)) * io.elements_per_row + io.origin_x + uint64_t(c);
+  return io.transpose
+             ? uint64_t(c) * io.elements_per_row + uint64_t(r)
+             : (io.origin_y + uint64_t(r)) * io.elements_per_row + io.origin_x + uint64_t(c);
 }
 
 template <class T>
@@ -972,7 +1018,8 @@ template <class T>
 void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const T* src, unsigned long elements_per_row = 8,
                     vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0),
                     bool transpose_matrix = false, MSLH_LOC) {
-  detail::MatIo<T> io{src, elements_per_row, matrix_origin.x, matrix_origin.y, transpose_matrix, {}};
+  detail::MatIo<T> io{src, elements_per_row, matrix_origin.x, matrix_origin.y, transpose_matrix,
+                      {}};
   int buf = mslh::simd_rendezvous(mslh::Op::kMatLoad, mslh::site_of(loc), &io, sizeof io,
                                   detail::complete_load<T>, true);
   const T* mine = reinterpret_cast<const T*>(
@@ -984,7 +1031,11 @@ template <class T>
 void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, T* dst, unsigned long elements_per_row = 8,
                      vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0),
                      bool transpose_matrix = false, MSLH_LOC) {
-  detail::MatIo<T> io{dst, elements_per_row, matrix_origin.x, matrix_origin.y, transpose_matrix,
+  detail::MatIo<T> io{dst,
+                      elements_per_row,
+                      matrix_origin.x,
+                      matrix_origin.y,
+                      transpose_matrix,
                       {a.elems.v[0], a.elems.v[1]}};
   mslh::simd_rendezvous(mslh::Op::kMatStore, mslh::site_of(loc), &io, sizeof io,
                         detail::complete_store<T>, true);
@@ -994,8 +1045,8 @@ template <class T>
 void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
                                    const simdgroup_matrix<T, 8, 8>& b,
                                    const simdgroup_matrix<T, 8, 8>& c, MSLH_LOC) {
-  detail::MatMul<T> m{{a.elems.v[0], a.elems.v[1]}, {b.elems.v[0], b.elems.v[1]},
-                      {c.elems.v[0], c.elems.v[1]}};
+  detail::MatMul<T> m{
+      {a.elems.v[0], a.elems.v[1]}, {b.elems.v[0], b.elems.v[1]}, {c.elems.v[0], c.elems.v[1]}};
   int buf = mslh::simd_rendezvous(mslh::Op::kMatMul, mslh::site_of(loc), &m, sizeof m,
                                   detail::complete_mma<T>, true);
   const T* mine = reinterpret_cast<const T*>(
@@ -1013,10 +1064,10 @@ void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 
 // ---------------------------------------------------------------------------------------------
 // Known MSL features the harness does not model: using one fails to compile with this message.
 // ---------------------------------------------------------------------------------------------
-#define MSLH_UNSUPPORTED_FN(NAME)                                                           \
-  template <class... A>                                                                     \
-  void NAME(A&&...) {                                                                       \
-    static_assert(kUnsupported<A...>,                                                       \
+#define MSLH_UNSUPPORTED_FN(NAME)                                                             \
+  template <class... A>                                                                       \
+  void NAME(A&&...) {                                                                         \
+    static_assert(kUnsupported<A...>,                                                         \
                   "msl harness: " #NAME " is not supported (tests/metal_harness/README.md)"); \
   }
 MSLH_UNSUPPORTED_FN(quad_sum)
@@ -1041,10 +1092,10 @@ MSLH_UNSUPPORTED_FN(atomic_exchange_explicit)
 MSLH_UNSUPPORTED_FN(atomic_compare_exchange_weak_explicit)
 MSLH_UNSUPPORTED_FN(mem_fence)
 #undef MSLH_UNSUPPORTED_FN
-#define MSLH_UNSUPPORTED_TYPE(NAME)                                                         \
-  template <class... A>                                                                     \
-  struct NAME {                                                                             \
-    static_assert(kUnsupported<A...>,                                                       \
+#define MSLH_UNSUPPORTED_TYPE(NAME)                                                           \
+  template <class... A>                                                                       \
+  struct NAME {                                                                               \
+    static_assert(kUnsupported<A...>,                                                         \
                   "msl harness: " #NAME " is not supported (tests/metal_harness/README.md)"); \
   };
 MSLH_UNSUPPORTED_TYPE(atomic)
@@ -1077,3 +1128,5 @@ inline uint3 to_uint3(const V3<uint32_t>& v) { return uint3(v.x, v.y, v.z); }
 #define constant
 #define thread
 #define threadgroup
+
+#endif  // MSLH_SHIM_H
