@@ -9,6 +9,7 @@ import platform
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import rel_err
 from metal_harness import (
     KernelCompileError,
     KernelRaceError,
@@ -218,6 +219,50 @@ def test_simdgroup_matrix_gemm(dtype, trans, origin):
     assert np.abs(np.array(out.astype(F32)) - ref).max() <= tol * np.abs(ref).max()
 
 
+def test_simdgroup_matrix_gemm_bfloat():
+    a = np.random.randn(16, 16).astype(np.float32)
+    b = np.random.randn(16, 16).astype(np.float32)
+    a_in, b_in = mx.array(a).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16)
+    (out,) = run(
+        MMA,
+        [a_in, b_in],
+        [(16, 16)],
+        [mx.bfloat16],
+        (128, 1, 1),
+        (128, 1, 1),
+        names=["a", "b"],
+        template=[("T", mx.bfloat16), ("TRANS", False), ("ORIGIN", False)],
+    )
+    ref = np.array(a_in.astype(F32)) @ np.array(b_in.astype(F32))
+    # bfloat16 accumulator: rounded after each of the two k-steps
+    assert rel_err(out.astype(F32), ref) <= 2 * 2.0**-8
+
+
+def test_simdgroup_barrier_orders_lanes():
+    exchange = """
+    threadgroup float t[64];
+    const uint i = thread_index_in_threadgroup;
+    t[i] = x[i];
+    BARRIER
+    out[i] = t[i ^ 1];
+    """
+    x = mx.arange(64).astype(F32)
+    synced = exchange.replace("BARRIER", "simdgroup_barrier(mem_flags::mem_threadgroup);")
+    (out,) = run(synced, [x], [(64,)], [F32], (64, 1, 1), (64, 1, 1), names=["x"])
+    np.testing.assert_array_equal(np.array(out), np.arange(64) ^ 1)
+    # Lanes are not assumed to run in lockstep: without the barrier this is a race.
+    with pytest.raises(KernelRaceError):
+        run(
+            exchange.replace("BARRIER", ""),
+            [x],
+            [(64,)],
+            [F32],
+            (64, 1, 1),
+            (64, 1, 1),
+            names=["x"],
+        )
+
+
 def test_simdgroup_matrix_lane_layout():
     # thread_elements() must expose the elements where MLX's steel kernels expect them.
     source = """
@@ -326,7 +371,7 @@ def test_inputs_shapes_scalars_templates_init_value():
     }
     """
     x = mx.arange(6).astype(mx.float16).reshape(2, 3)
-    small = mx.array([1, 2, 3], dtype=mx.int32)
+    small = np.array([1, 2, 3], dtype=np.int32)  # NumPy inputs are taken too
     (out,) = run(
         source,
         [x, 0.5, small],

@@ -44,7 +44,7 @@ if platform.machine() in ("x86_64", "AMD64"):
     CXXFLAGS.append("-fcf-protection=none")
 SCHEDULES = ("forward", "reverse", "random")
 POISON = (0xFF, 0x7F, 0xFE)  # per schedule; must match kPoison in msl_runtime.h
-RUN_TIMEOUT_S = float(os.environ.get("MSL_HARNESS_TIMEOUT", "600"))
+RUN_TIMEOUT_S = float(os.environ.get("MSL_HARNESS_TIMEOUT", "120"))
 SEED = int(os.environ.get("MSL_HARNESS_SEED", "20240607"))
 
 
@@ -89,7 +89,11 @@ def _prebuilt(toolchain: str) -> tuple[Path, Path]:
     kernel and its glue to compile per kernel.
     """
     d = cache_dir() / f"prebuilt-{toolchain[:16]}"
-    d.mkdir(exist_ok=True)
+    if not d.exists():
+        # Precompiled headers are large: drop those of earlier versions of the harness.
+        for old in cache_dir().glob("prebuilt-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        d.mkdir(exist_ok=True)
     gch, obj = d / "msl_shim.h.gch", d / "msl_runtime.o"
     for out, args in (
         (gch, ["-x", "c++-header", str(HERE / "msl_shim.h")]),
