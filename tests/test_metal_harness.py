@@ -76,24 +76,31 @@ SIGNATURE_CASES = [
         [F32, mx.uint8],
         [("bm", 32)],
     ),
-    # every thread attribute
+    # every thread attribute, atomic outputs (generated here; the harness refuses to run them)
     (
         ["x"],
         ["y"],
         "y[0] = x[0]; " + " ".join(a for a, _ in ATTRIBUTES),
         "",
         [mx.zeros((3, 4), dtype=mx.int64)],
-        [mx.bool_],
+        [mx.int32],
         [],
     ),
 ]
+ATOMIC_CASE = len(SIGNATURE_CASES) - 1
 
 
 @pytest.mark.parametrize("case", range(len(SIGNATURE_CASES)))
 def test_generated_source_is_mlx_text(case, tmp_path, capfd):
     names, outs, source, header, inputs, dtypes, template = SIGNATURE_CASES[case]
+    atomic = case == ATOMIC_CASE
     kernel = mx.fast.metal_kernel(
-        name=f"sig{case}", input_names=names, output_names=outs, source=source, header=header
+        name=f"sig{case}",
+        input_names=names,
+        output_names=outs,
+        source=source,
+        header=header,
+        atomic_outputs=atomic,
     )
 
     def f(*xs):
@@ -120,6 +127,7 @@ def test_generated_source_is_mlx_text(case, tmp_path, capfd):
         [ArgInfo(a.dtype, a.ndim, a.size) for a in inputs],
         dtypes,
         template,
+        atomic_outputs=atomic,
     )
     assert ours.text == mlx_text
 

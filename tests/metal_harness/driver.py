@@ -2,8 +2,9 @@
 
 `metal_kernel(...)` takes MLX's arguments and returns a callable with MLX's keyword arguments.
 A call generates MLX's kernel source for the inputs it gets, translates it to C++, compiles it
-once per distinct source (cached on disk), and runs the grid three times in parallel processes:
-threads and threadgroups in forward order, in reverse order, and shuffled. Each run poisons
+once per distinct source (cached on disk), and runs the grid three times in parallel processes,
+running the lowest-numbered ready thread first, the highest first, or a random one (threadgroups
+forward, reversed, shuffled). Each run poisons
 uninitialised outputs and threadgroup memory with a different byte and places buffers against
 the other guard page, so a race, a missing barrier, a read of uninitialised memory or an output
 element no thread writes shows up as a difference between runs, and an out-of-bounds access as
@@ -13,6 +14,7 @@ MLX arrays.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -40,10 +42,10 @@ CXXFLAGS = [
     f"-I{HERE / 'include'}",  # <metal_stdlib> and friends
 ]
 if platform.machine() in ("x86_64", "AMD64"):
-    # msl_runtime.h switches stacks by hand: keep CET shadow stacks off for these binaries.
+    # msl_runtime.cpp switches stacks by hand: keep CET shadow stacks off for these binaries.
     CXXFLAGS.append("-fcf-protection=none")
 SCHEDULES = ("forward", "reverse", "random")
-POISON = (0xFF, 0x7F, 0xFE)  # per schedule; must match kPoison in msl_runtime.h
+POISON = (0xFF, 0x7F, 0xFE)  # per schedule; must match kPoison in msl_runtime.cpp
 RUN_TIMEOUT_S = float(os.environ.get("MSL_HARNESS_TIMEOUT", "120"))
 SEED = int(os.environ.get("MSL_HARNESS_SEED", "20240607"))
 
@@ -73,6 +75,7 @@ def cache_dir() -> Path:
     return path
 
 
+@functools.cache
 def _toolchain_key() -> str:
     """What compiled binaries depend on besides the translation unit."""
     h = hashlib.sha256()
@@ -101,7 +104,10 @@ def _prebuilt(toolchain: str) -> tuple[Path, Path]:
     ):
         if not out.exists():
             tmp = d / f"{out.name}.{os.getpid()}.tmp"
-            subprocess.run([CXX, *CXXFLAGS, *args, "-o", str(tmp)], check=True, capture_output=True)
+            cmd = [CXX, *CXXFLAGS, *args, "-o", str(tmp)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise HarnessError(f"cannot build the harness ({' '.join(cmd)}):\n{result.stderr}")
             os.replace(tmp, out)
     return d, obj
 
