@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                  # GPU checks, then the timing table
     python benchmarks/kernels.py --json out.json  # also every number as JSON
     python benchmarks/kernels.py --profile gemm binary 4608 3072 3072   # 3 calls, for a profiler
+    python benchmarks/kernels.py --gemm-tile 128,2,2   # also check and time another GEMM tile
 
 Checks (each fails the run): every strategy and kind at every benchmark shape, and a sweep of
 dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs poisoned with NaN
@@ -27,7 +28,14 @@ import warnings
 import mlx.core as mx
 
 from mlx_bonsai import kernels
-from mlx_bonsai.kernels import KINDS, STRATEGIES, kernel_set, random_packed, relative_error
+from mlx_bonsai.kernels import (
+    KINDS,
+    STRATEGIES,
+    KernelSet,
+    kernel_set,
+    random_packed,
+    relative_error,
+)
 
 # (N, K) of the packed linears: qkv/out 3072x3072, ff in 18432, single qkv+mlp 27648, ff out
 # 3072x9216, single out 3072x12288 (plus 9216x3072 as asked for).
@@ -55,17 +63,26 @@ def inputs(kind, m, n, k, dtype, scale_dtype, seed):
     return x, weight, scales
 
 
-def strategies(ks, m, dtype):
-    return [s for s in STRATEGIES if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)]
+def candidates(ks, m, dtype, extra_tiles=()):
+    """{label: (KernelSet, strategy)} worth running at m rows; extra_tiles adds GEMM variants
+    with other (BM, WM, WN) tiles, labelled gemm@BMxWMxWN."""
+    out = {s: (ks, s) for s in STRATEGIES
+           if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
+    for tile in extra_tiles if "gemm" in out else ():
+        alt = KernelSet(ks.backend, ks.factory)
+        alt.gemm_tile = lambda m, tile=tile: tile
+        out["gemm@" + "x".join(map(str, tile))] = (alt, "gemm")
+    return out
 
 
-def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None):
+def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None,
+          extra_tiles=()):
     x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
     ref = reference(x, weight, scales, kind)
     errs = {}
-    for s in strategies(ks, m, dtype):
-        y = ks.run(s, x, weight, scales, kind, init_value=math.nan,
-                   scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
+    for s, (runner, strategy) in candidates(ks, m, dtype, extra_tiles).items():
+        y = runner.run(strategy, x, weight, scales, kind, init_value=math.nan,
+                       scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
         err = relative_error(y, ref)
         errs[s] = err
         if not err <= TOLERANCE:
@@ -73,21 +90,23 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=N
     return errs
 
 
-def run_checks(ks):
+def run_checks(ks, extra_tiles):
     failures, log = [], []
     seed = 100
     for m in MS:
         for n, k in NK:
             for kind in KINDS:
                 seed += 1
-                errs = check(ks, failures, kind, m, n, k, mx.bfloat16, mx.bfloat16, seed)
+                errs = check(ks, failures, kind, m, n, k, mx.bfloat16, mx.bfloat16, seed,
+                             extra_tiles=extra_tiles)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype="bfloat16", errors=errs))
     for m, n, k, sb in SWEEP:
         for dtype in (mx.bfloat16, mx.float16, mx.float32):
             for kind in KINDS:
                 seed += 1
                 scale_dtype = mx.float16 if dtype == mx.float16 else mx.bfloat16
-                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb)
+                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb,
+                             extra_tiles)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs))
     # The dispatch: self-checks must pass (a warning is an error here) and answers must match.
     with warnings.catch_warnings():
@@ -132,7 +151,7 @@ def time_baselines(x, weight, scales, calls):
     return times
 
 
-def run_timing(ks):
+def run_timing(ks, extra_tiles):
     rows = []
     for m in MS:
         for n, k in NK:
@@ -141,13 +160,14 @@ def run_timing(ks):
             _, wt, st = inputs("ternary", m, n, k, mx.bfloat16, mx.bfloat16, 8)
             calls = 10 if flop < 1e11 else 3
             row = dict(M=m, N=n, K=k, **time_baselines(x, wb, sb, calls))
+            cands = candidates(ks, m, mx.bfloat16, extra_tiles)
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
-                for strat in strategies(ks, m, mx.bfloat16):
-                    row[f"{kind}_{strat}"] = kernels.time_call(
-                        functools.partial(ks.run, strat, x, w, s, kind), calls=calls)
+                for label, (runner, strat) in cands.items():
+                    row[f"{kind}_{label}"] = kernels.time_call(
+                        functools.partial(runner.run, strat, x, w, s, kind), calls=calls)
             row["auto"] = kernels.choose_strategy(ks.backend, "binary", m, n, k, mx.bfloat16)
             rows.append(row)
-            best = min(row[f"binary_{s}"] for s in strategies(ks, m, mx.bfloat16))
+            best = min(row[f"binary_{label}"] for label in cands)
             print(f"  M={m:5d} N={n:6d} K={k:6d} bf16 {row['bf16'] * 1e3:8.3f} ms  "
                   f"binary best {best * 1e3:8.3f} ms", flush=True)
     return rows
@@ -157,12 +177,12 @@ def fmt_ms(t):
     return "   n/a" if t is None else f"{t * 1e3:7.3f}"
 
 
-def print_table(rows, ks):
+def print_table(rows, labels):
     print("\nStrategy times (ms per call), binary / ternary:")
-    print(f"{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{s:>15}" for s in STRATEGIES))
+    print(f"{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{s:>15}" for s in labels))
     for r in rows:
         cells = []
-        for s in STRATEGIES:
+        for s in labels:
             b, t = r.get(f"binary_{s}"), r.get(f"ternary_{s}")
             cells.append(f"{fmt_ms(b)}/{fmt_ms(t)}" if b else f"{'-':>15}")
         print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} | " + " | ".join(cells))
@@ -174,7 +194,7 @@ def print_table(rows, ks):
     for r in rows:
         best = {}
         for kind in KINDS:
-            cand = {s: r[f"{kind}_{s}"] for s in STRATEGIES if f"{kind}_{s}" in r}
+            cand = {s: r[f"{kind}_{s}"] for s in labels if f"{kind}_{s}" in r}
             s = min(cand, key=cand.get)
             best[kind] = (s, cand[s])
         tb, tt = best["binary"][1], best["ternary"][1]
@@ -196,7 +216,12 @@ def main() -> int:
     p.add_argument("--json", help="write every measurement here")
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--profile", nargs=5, metavar=("STRATEGY", "KIND", "M", "N", "K"))
+    p.add_argument("--gemm-tile", action="append", default=[], metavar="BM,WM,WN",
+                   help="also check and time the GEMM with this tile")
+    p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
+    p.add_argument("--no-check", action="store_true", help="timing only")
     args = p.parse_args()
+    extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
     backend = kernels._device_backend()
     if backend is None:
         print("benchmarks/kernels.py needs MLX on a Metal or CUDA GPU", file=sys.stderr)
@@ -206,15 +231,19 @@ def main() -> int:
                 python=platform.python_version())
     print(json.dumps(info, default=str))
     if args.profile:
-        strat, kind, m, n, k = args.profile
+        label, kind, m, n, k = args.profile
+        runner, strat = candidates(ks, int(m), mx.bfloat16, extra_tiles)[label]
         x, w, s = inputs(kind, int(m), int(n), int(k), mx.bfloat16, mx.bfloat16, 3)
         for _ in range(3):
-            mx.eval(ks.run(strat, x, w, s, kind))
+            mx.eval(runner.run(strat, x, w, s, kind))
         return 0
-    failures, check_log = run_checks(ks)
-    rows = [] if args.check_only else run_timing(ks)
+    if args.m:
+        MS[:] = args.m
+    failures, check_log = ([], []) if args.no_check else run_checks(ks, extra_tiles)
+    rows = [] if args.check_only else run_timing(ks, extra_tiles)
     if rows:
-        print_table(rows, ks)
+        labels = list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
+        print_table(rows, labels)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, checks=check_log, failures=failures, timing=rows), f,

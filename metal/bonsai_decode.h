@@ -41,12 +41,13 @@ BONSAI_FN BonsaiCodes16 bonsai_binary_codes16(uint32_t bits16) {
 
 // Byte (from the start of the row) holding input k of a ternary row.
 BONSAI_FN int bonsai_ternary_byte(int k) {
-  return (k / BONSAI_GROUP) * BONSAI_TERNARY_GROUP_BYTES + (k % BONSAI_GROUP) / 5;
+  const uint32_t u = uint32_t(k);  // unsigned: the divisions become shifts and a multiply
+  return int((u / 128u) * 26u + (u % 128u) / 5u);
 }
 
 // Base-3 digit index of input k inside its byte.
 BONSAI_FN int bonsai_ternary_digit(int k) {
-  return (k % BONSAI_GROUP) % 5;
+  return int((uint32_t(k) % 128u) % 5u);
 }
 
 // floor(v / 3^i) for v <= 242 and i in 0..4: a multiply and a shift instead of a division

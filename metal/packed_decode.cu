@@ -7,12 +7,14 @@
 const int N = scales_shape[0];
 const int groups = scales_shape[1];
 const int K = groups * BONSAI_GROUP;
-const size_t i = size_t(blockIdx.x) * size_t(blockDim.x) + size_t(threadIdx.x);
-if (i >= size_t(N) * size_t(K / 16)) {
+// 32-bit index math (64-bit division is slow on GPUs): the caller keeps N * K / 16 < 2^32.
+const uint32_t runs = uint32_t(K / 16);
+const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+if (i >= uint32_t(N) * runs) {
   return;
 }
-const int n = int(i / size_t(K / 16));
-const int k = int(i % size_t(K / 16)) * 16;
+const int n = int(i / runs);
+const int k = int(i - uint32_t(n) * runs) * 16;
 const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
 BonsaiCodes16 codes;
 if (TERNARY) {
@@ -25,4 +27,4 @@ if (TERNARY) {
   const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
   codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
 }
-bonsai_store16<T>(dense + i * 16, codes, scale);
+bonsai_store16<T>(dense + size_t(i) * 16, codes, scale);

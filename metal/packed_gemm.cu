@@ -1,19 +1,21 @@
 // CUDA twin of packed_gemm.metal for mx.fast.cuda_kernel: the same BM x BN block tiles, BK = 32
-// K-steps, staging map (thread t: row t/2, 16 columns at (t%2)*16), decode (bonsai_decode.h) and
+// K-steps, staging map (thread t: rows t/2 + r*THREADS/2, 16 columns at (t%2)*16), decode and
 // edge rules; the tile product runs on tensor cores (ldmatrix + mma.sync m16n8k16) from T tiles
 // in shared memory instead of 8x8 simdgroup matrices. The next K-step is loaded into registers
 // while the current one is multiplied, and the tiles are double-buffered, so one barrier per step.
 // MLX generates the signature (x, x_shape, weight, weight_shape, scales, out) and defines
 // template T (__half | __nv_bfloat16), S, TERNARY, BM, BN (= BM), WM, WN as constants.
-//   grid (ceil(N/BN) * 2*BM, ceil(M/BM), 1), threadgroup (2*BM, 1, 1)
+//   grid (ceil(N/BN) * 32*WM*WN, ceil(M/BM), 1), threadgroup (32*WM*WN, 1, 1)
 
 constexpr int BK = 32;
 constexpr int LDK = BK + 8;  // row stride (elements): 80 bytes, conflict-free for ldmatrix
+constexpr int THREADS = 32 * WM * WN;
+constexpr int RUNS = 2 * BM / THREADS;  // 16-element runs each thread stages per tile and K-step
 constexpr int WTM = BM / WM;  // warp tile
 constexpr int WTN = BN / WN;
 constexpr int MI = WTM / 16;
 constexpr int NI = WTN / 8;
-static_assert(BM == BN && 2 * BM == 32 * WM * WN, "2*BM threads, one warp per WM x WN cell");
+static_assert(BM == BN && RUNS >= 1 && RUNS * THREADS == 2 * BM, "2*BM runs per tile");
 static_assert(MI * 16 == WTM && NI * 8 == WTN && NI % 2 == 0, "warp tiles of 16 x 16 blocks");
 
 __shared__ __align__(16) T xs[2][BM * LDK];
@@ -31,12 +33,8 @@ const int wn = warp % WN;
 const int m0 = blockIdx.y * BM;
 const int n0 = blockIdx.x * BN;
 
-const int lrow = tid / 2;
+// Run r of thread t: tile row t/2 + r*THREADS/2, columns (t%2)*16 .. +16 of the K-step.
 const int lcol = (tid % 2) * 16;
-const bool x_ok = m0 + lrow < M;
-const bool w_ok = n0 + lrow < N;
-const T* xrow = x + size_t(x_ok ? m0 + lrow : 0) * size_t(K) + lcol;
-const int wrow = w_ok ? n0 + lrow : 0;
 // Rows of x start 16-byte aligned when x does (K % 128 == 0); otherwise load element-wise.
 const bool x_vec = (reinterpret_cast<uintptr_t>(x) % 16) == 0;
 
@@ -53,52 +51,63 @@ for (int i = 0; i < MI; ++i) {
 }
 
 // Staged registers of one K-step: 16 x values (raw T bits), raw weight bits, group scale.
-uint4 xv[2];
-uint32_t raw = 0;
-float scale = 0.0f;
+uint4 xv[RUNS][2];
+uint32_t raw[RUNS];
+float scale[RUNS];
 int staged_k = 0;
 
 auto load = [&](int k0) {
   const int k = k0 + lcol;
   staged_k = k;
-  if (!x_ok) {
-    xv[0] = make_uint4(0, 0, 0, 0);
-    xv[1] = make_uint4(0, 0, 0, 0);
-  } else if (x_vec) {
-    xv[0] = *reinterpret_cast<const uint4*>(xrow + k0);
-    xv[1] = *reinterpret_cast<const uint4*>(xrow + k0 + 8);
-  } else {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(xrow + k0);
-    uint32_t w[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      w[j] = uint32_t(p[2 * j]) | (uint32_t(p[2 * j + 1]) << 16);
-    }
-    xv[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    xv[1] = make_uint4(w[4], w[5], w[6], w[7]);
-  }
-  raw = 0;
-  scale = 0.0f;
-  if (w_ok) {
-    scale = float(scales[size_t(wrow) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
-    if (TERNARY) {
-      const size_t b = size_t(wrow) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
-                       size_t(bonsai_ternary_byte(k));
-      raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
-            (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+  for (int r = 0; r < RUNS; ++r) {
+    const int row = tid / 2 + r * (THREADS / 2);
+    const T* xrow = x + size_t(m0 + row) * size_t(K) + size_t(k);
+    if (m0 + row >= M) {
+      xv[r][0] = make_uint4(0, 0, 0, 0);
+      xv[r][1] = make_uint4(0, 0, 0, 0);
+    } else if (x_vec) {
+      xv[r][0] = *reinterpret_cast<const uint4*>(xrow);
+      xv[r][1] = *reinterpret_cast<const uint4*>(xrow + 8);
     } else {
-      raw = bonsai_binary_bits16(uint32_t(weight[size_t(wrow) * size_t(K / 32) + size_t(k / 32)]), k);
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(xrow);
+      uint32_t w[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        w[j] = uint32_t(p[2 * j]) | (uint32_t(p[2 * j + 1]) << 16);
+      }
+      xv[r][0] = make_uint4(w[0], w[1], w[2], w[3]);
+      xv[r][1] = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+    const int n = n0 + row;
+    raw[r] = 0;
+    scale[r] = 0.0f;
+    if (n < N) {
+      scale[r] = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+      if (TERNARY) {
+        const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                         size_t(bonsai_ternary_byte(k));
+        raw[r] = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+                 (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+      } else {
+        raw[r] = bonsai_binary_bits16(uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]), k);
+      }
     }
   }
 };
 
 auto store = [&](int buf) {
-  const BonsaiCodes16 codes = TERNARY ? bonsai_ternary_codes16(raw, bonsai_ternary_digit(staged_k))
-                                      : bonsai_binary_codes16(raw);
-  uint4* xdst = reinterpret_cast<uint4*>(&xs[buf][lrow * LDK + lcol]);
-  xdst[0] = xv[0];
-  xdst[1] = xv[1];
-  bonsai_store16<T>(&ws[buf][lrow * LDK + lcol], codes, scale);
+#pragma unroll
+  for (int r = 0; r < RUNS; ++r) {
+    const int row = tid / 2 + r * (THREADS / 2);
+    const BonsaiCodes16 codes = TERNARY
+        ? bonsai_ternary_codes16(raw[r], bonsai_ternary_digit(staged_k))
+        : bonsai_binary_codes16(raw[r]);
+    uint4* xdst = reinterpret_cast<uint4*>(&xs[buf][row * LDK + lcol]);
+    xdst[0] = xv[r][0];
+    xdst[1] = xv[r][1];
+    bonsai_store16<T>(&ws[buf][row * LDK + lcol], codes, scale[r]);
+  }
 };
 
 const int ksteps = K / BK;

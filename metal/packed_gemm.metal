@@ -4,23 +4,25 @@
 //           scales [N, K/128] (S), and x_shape / weight_shape (used below)
 //   output  out [M, N] (T)
 //   template T, S, TERNARY (bool), BM, BN (= BM), WM, WN
-//   grid (ceil(N/BN) * 2*BM, ceil(M/BM), 1), threadgroup (2*BM, 1, 1)
+//   grid (ceil(N/BN) * 32*WM*WN, ceil(M/BM), 1), threadgroup (32*WM*WN, 1, 1)
 // Twin: packed_gemm.cu (same tiles, same staging map, same decode, same edges).
 //
 // Each threadgroup computes a BM x BN tile of out. The K loop steps by BK = 32: every thread
-// stages 16 consecutive K-elements of one x row and decodes 16 of one W row (thread t: row t/2,
-// columns (t%2)*16), both into float threadgroup tiles; WM x WN simdgroups then multiply the tiles
-// with 8x8 simdgroup matrices, accumulating in float. Rows past M or N are staged as zeros and
+// stages runs of 16 consecutive K-elements of x rows and decodes runs of 16 of W rows (thread t:
+// rows t/2 + r*THREADS/2, columns (t%2)*16), both into float threadgroup tiles; WM x WN
+// simdgroups then multiply the tiles with 8x8 simdgroup matrices, accumulating in float. Rows past M or N are staged as zeros and
 // never stored. K is a multiple of 128, so there is no K edge.
 
 constexpr int BK = 32;
 constexpr int LDK = BK + 4;  // row stride (floats) of the staged tiles; padding eases bank conflicts
 constexpr int LDC = BN + 4;  // row stride of the output tile in the epilogue
+constexpr int THREADS = 32 * WM * WN;
+constexpr int RUNS = 2 * BM / THREADS;  // 16-element runs each thread stages per tile and K-step
 constexpr int TM = BM / WM / 8;
 constexpr int TN = BN / WN / 8;
 constexpr int TILES = (BM + BN) * LDK;
 constexpr int SMEM = TILES > BM * LDC ? TILES : BM * LDC;
-static_assert(BM == BN && 2 * BM == 32 * WM * WN, "2*BM threads, one simdgroup per WM x WN cell");
+static_assert(BM == BN && RUNS >= 1 && RUNS * THREADS == 2 * BM, "2*BM runs per tile");
 static_assert(TM * WM * 8 == BM && TN * WN * 8 == BN, "simdgroup tiles must cover the block");
 
 threadgroup float smem[SMEM];
@@ -38,12 +40,8 @@ const int sn = sg % WN;
 const int m0 = int(threadgroup_position_in_grid.y) * BM;
 const int n0 = int(threadgroup_position_in_grid.x) * BN;
 
-const int lrow = tid / 2;
+// Run r of thread t: tile row t/2 + r*THREADS/2, columns (t%2)*16 .. +16 of the K-step.
 const int lcol = (tid % 2) * 16;
-const bool x_ok = m0 + lrow < M;
-const bool w_ok = n0 + lrow < N;
-const size_t xbase = size_t(x_ok ? m0 + lrow : 0) * size_t(K) + size_t(lcol);
-const int wn = w_ok ? n0 + lrow : 0;
 
 simdgroup_matrix<float, 8, 8> acc[TM][TN];
 for (int i = 0; i < TM; ++i) {
@@ -56,31 +54,42 @@ for (int k0 = 0; k0 < K; k0 += BK) {
   const int k = k0 + lcol;
 
   // Global -> registers: 16 x values, the raw bits of 16 weights and their group scale.
-  float xr[16];
-  for (int j = 0; j < 16; ++j) {
-    xr[j] = x_ok ? float(x[xbase + size_t(k0 + j)]) : 0.0f;
-  }
-  uint32_t raw = 0;
-  float scale = 0.0f;
-  if (w_ok) {
-    scale = float(scales[size_t(wn) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
-    if (TERNARY) {
-      const size_t b = size_t(wn) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
-                       size_t(bonsai_ternary_byte(k));
-      raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
-            (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
-    } else {
-      raw = bonsai_binary_bits16(uint32_t(weight[size_t(wn) * size_t(K / 32) + size_t(k / 32)]), k);
+  float xr[RUNS][16];
+  BonsaiCodes16 codes[RUNS];
+  float scale[RUNS];
+  for (int r = 0; r < RUNS; ++r) {
+    const int row = tid / 2 + r * (THREADS / 2);
+    const bool x_ok = m0 + row < M;
+    const size_t xbase = size_t(x_ok ? m0 + row : 0) * size_t(K) + size_t(k);
+    for (int j = 0; j < 16; ++j) {
+      xr[r][j] = x_ok ? float(x[xbase + size_t(j)]) : 0.0f;
     }
+    const int n = n0 + row;
+    uint32_t raw = 0;
+    scale[r] = 0.0f;
+    if (n < N) {
+      scale[r] = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+      if (TERNARY) {
+        const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                         size_t(bonsai_ternary_byte(k));
+        raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+              (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+      } else {
+        raw = bonsai_binary_bits16(uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]), k);
+      }
+    }
+    codes[r] = TERNARY ? bonsai_ternary_codes16(raw, bonsai_ternary_digit(k))
+                       : bonsai_binary_codes16(raw);
   }
-  const BonsaiCodes16 codes =
-      TERNARY ? bonsai_ternary_codes16(raw, bonsai_ternary_digit(k)) : bonsai_binary_codes16(raw);
 
   // Registers -> threadgroup, once every simdgroup is done with the previous tiles.
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int j = 0; j < 16; ++j) {
-    xs[lrow * LDK + lcol + j] = xr[j];
-    ws[lrow * LDK + lcol + j] = codes.c[j] * scale;
+  for (int r = 0; r < RUNS; ++r) {
+    const int row = tid / 2 + r * (THREADS / 2);
+    for (int j = 0; j < 16; ++j) {
+      xs[row * LDK + lcol + j] = xr[r][j];
+      ws[row * LDK + lcol + j] = codes[r].c[j] * scale[r];
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -110,14 +119,16 @@ for (int i = 0; i < TM; ++i) {
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-const int orow = tid / 2;
-const int ocol = (tid % 2) * (BN / 2);
-if (m0 + orow < M) {
-  const size_t obase = size_t(m0 + orow) * size_t(N);
-  for (int c = 0; c < BN / 2; ++c) {
-    const int n = n0 + ocol + c;
-    if (n < N) {
-      out[obase + size_t(n)] = T(smem[orow * LDC + ocol + c]);
+for (int r = 0; r < RUNS; ++r) {
+  const int orow = tid / 2 + r * (THREADS / 2);
+  const int ocol = (tid % 2) * (BN / 2);
+  if (m0 + orow < M) {
+    const size_t obase = size_t(m0 + orow) * size_t(N);
+    for (int c = 0; c < BN / 2; ++c) {
+      const int n = n0 + ocol + c;
+      if (n < N) {
+        out[obase + size_t(n)] = T(smem[orow * LDC + ocol + c]);
+      }
     }
   }
 }

@@ -186,11 +186,13 @@ def test_dispatch_uses_a_kernel_that_passes_its_self_check(fake_gpu, recwarn, m,
 
 def test_scratch_decodes_in_chunks_over_n(fake_gpu):
     factory = fake_gpu(correct_answer)
-    weight, scales = kernels.random_packed("binary", N, K)
+    weight, scales = kernels.random_packed("binary", 300, K)
     x = mx.random.normal((5, K))
     ks = kernels.kernel_set("metal")
-    y = ks.run("scratch", x, weight, scales, "binary", scratch_bytes=16 * K * 4)
-    assert [launch[0] for launch in factory.launches] == ["bonsai_decode"] * 5  # 72 rows / 16
+    y = ks.run("scratch", x, weight, scales, "binary", scratch_bytes=128 * K * 4)
+    # Chunks of at most 128 rows, multiples of 128 but the last: 128 + 128 + 44.
+    grids = [launch[2][0] for launch in factory.launches]
+    assert grids == [128 * K // 16, 128 * K // 16, 44 * K // 16]
     ref = kernels.reference_matmul(x, weight, scales, "binary")
     assert rel_err(np.array(y), np.array(ref)) <= 1e-6
 
