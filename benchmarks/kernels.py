@@ -1,0 +1,255 @@
+"""Packed-matmul kernels against MLX at Bonsai Image 4B's linear shapes. Needs a Metal or CUDA GPU.
+
+    python benchmarks/kernels.py                  # GPU checks, then the timing table
+    python benchmarks/kernels.py --json out.json  # also every number as JSON
+    python benchmarks/kernels.py --profile gemm binary 4608 3072 3072   # 3 calls, for a profiler
+    python benchmarks/kernels.py --gemm-tile 128,2,2   # also check and time another GEMM tile
+
+Checks (each fails the run): every strategy and kind at every benchmark shape, and a sweep of
+dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs poisoned with NaN
+(init_value) so unwritten elements fail; relative error max|y - ref| / max|ref| <= 1e-2 against
+x(float32) @ W(float32)^T, NaN never passes. Then the dispatch (packed_matmul) must pass its
+self-checks without a warning.
+Timing: median time per call (batches of calls evaluated together after warm-up, the way a
+model calls them) of MLX's bf16 matmul (the ceiling), MLX's quantized_matmul with bits 2 and 1
+(where the backend has it), and our kernels per strategy; TFLOP/s = 2*M*N*K / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import sys
+import warnings
+
+import mlx.core as mx
+
+from mlx_bonsai import kernels
+from mlx_bonsai.kernels import (
+    KINDS,
+    STRATEGIES,
+    KernelSet,
+    kernel_set,
+    random_packed,
+    relative_error,
+)
+
+# (N, K) of the packed linears: qkv/out 3072x3072, ff in 18432, single qkv+mlp 27648, ff out
+# 3072x9216, single out 3072x12288 (plus 9216x3072 as asked for).
+NK = [(3072, 3072), (9216, 3072), (18432, 3072), (27648, 3072), (3072, 9216), (3072, 12288)]
+MS = [1, 64, 1536, 4608]
+TOLERANCE = 1e-2
+GEMV_MAX_M = 64  # the GEMV re-reads W once per 4 rows of x: no use timing it beyond this
+
+SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N, K multiples of 128 but not of 512
+    (1, 200, 384, None), (2, 200, 384, None), (3, 3000, 640, None), (5, 72, 1152, None),
+    (64, 200, 384, None), (70, 200, 384, 2**14), (135, 3000, 640, None), (300, 72, 384, 2**12),
+    (129, 129 * 8, 3072, None),
+]
+
+
+def reference(x: mx.array, weight: mx.array, scales: mx.array, kind: str) -> mx.array:
+    return kernels.reference_matmul(x.astype(mx.float32), weight, scales, kind)
+
+
+def inputs(kind, m, n, k, dtype, scale_dtype, seed):
+    kx, kw = mx.random.split(mx.random.key(seed))
+    x = mx.random.normal((m, k), key=kx).astype(dtype)
+    weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
+    mx.eval(x, weight, scales)
+    return x, weight, scales
+
+
+def candidates(ks, m, dtype, extra_tiles=()):
+    """{label: (KernelSet, strategy)} worth running at m rows; extra_tiles adds GEMM variants
+    with other (BM, WM, WN) tiles, labelled gemm@BMxWMxWN."""
+    out = {s: (ks, s) for s in STRATEGIES
+           if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
+    for tile in extra_tiles if "gemm" in out else ():
+        alt = KernelSet(ks.backend, ks.factory)
+        alt.gemm_tile = lambda m, tile=tile: tile
+        out["gemm@" + "x".join(map(str, tile))] = (alt, "gemm")
+    return out
+
+
+def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None,
+          extra_tiles=()):
+    x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
+    ref = reference(x, weight, scales, kind)
+    errs = {}
+    for s, (runner, strategy) in candidates(ks, m, dtype, extra_tiles).items():
+        y = runner.run(strategy, x, weight, scales, kind, init_value=math.nan,
+                       scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
+        err = relative_error(y, ref)
+        errs[s] = err
+        if not err <= TOLERANCE:
+            failures.append(f"{kind} {s} {dtype} M={m} N={n} K={k}: rel err {err}")
+    return errs
+
+
+def run_checks(ks, extra_tiles):
+    failures, log = [], []
+    seed = 100
+    for m in MS:
+        for n, k in NK:
+            for kind in KINDS:
+                seed += 1
+                errs = check(ks, failures, kind, m, n, k, mx.bfloat16, mx.bfloat16, seed,
+                             extra_tiles=extra_tiles)
+                log.append(dict(M=m, N=n, K=k, kind=kind, dtype="bfloat16", errors=errs))
+    for m, n, k, sb in SWEEP:
+        for dtype in (mx.bfloat16, mx.float16, mx.float32):
+            for kind in KINDS:
+                seed += 1
+                scale_dtype = mx.float16 if dtype == mx.float16 else mx.bfloat16
+                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb,
+                             extra_tiles)
+                log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs))
+    # The dispatch: self-checks must pass (a warning is an error here) and answers must match.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (mx.bfloat16, mx.float16, mx.float32):
+            for kind in KINDS:
+                for m in (1, 3, 100, 1536):
+                    seed += 1
+                    x, weight, scales = inputs(kind, m, 3072, 3072, dtype, mx.bfloat16, seed)
+                    err = relative_error(kernels.packed_matmul(x, weight, scales, kind),
+                                         reference(x, weight, scales, kind))
+                    if not err <= TOLERANCE:
+                        failures.append(f"packed_matmul {kind} {dtype} M={m}: rel err {err}")
+    worst = max((e for row in log for e in row["errors"].values()), default=math.nan)
+    print(f"checks: {sum(len(r['errors']) for r in log)} kernel runs + dispatch, "
+          f"worst rel err {worst:.2e}, {len(failures)} failures")
+    for f in failures:
+        print("  FAIL", f)
+    return failures, log
+
+
+def baseline_quantized(x, dense, bits):
+    """MLX's own affine quantized matmul of `dense`, or None where the backend refuses `bits`."""
+    try:
+        wq, sq, bq = mx.quantize(dense, group_size=128, bits=bits)
+        fn = functools.partial(mx.quantized_matmul, x, wq, sq, bq, transpose=True,
+                               group_size=128, bits=bits)
+        mx.eval(fn())
+        return fn
+    except (RuntimeError, ValueError):
+        return None
+
+
+def time_baselines(x, weight, scales, calls):
+    """bf16 matmul with the decoded weight, and MLX's quantized_matmul of it at bits 2 and 1."""
+    dense = kernels.unpack_binary(weight, scales, mx.bfloat16)
+    mx.eval(dense)
+    times = {"bf16": kernels.time_call(lambda: x @ dense.T, calls=calls)}
+    for bits in (2, 1):
+        fn = baseline_quantized(x, dense, bits)
+        times[f"q{bits}"] = kernels.time_call(fn, calls=calls) if fn else None
+    return times
+
+
+def run_timing(ks, extra_tiles):
+    rows = []
+    for m in MS:
+        for n, k in NK:
+            flop = 2.0 * m * n * k
+            x, wb, sb = inputs("binary", m, n, k, mx.bfloat16, mx.bfloat16, 7)
+            _, wt, st = inputs("ternary", m, n, k, mx.bfloat16, mx.bfloat16, 8)
+            calls = 10 if flop < 1e11 else 3
+            row = dict(M=m, N=n, K=k, **time_baselines(x, wb, sb, calls))
+            cands = candidates(ks, m, mx.bfloat16, extra_tiles)
+            for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
+                for label, (runner, strat) in cands.items():
+                    row[f"{kind}_{label}"] = kernels.time_call(
+                        functools.partial(runner.run, strat, x, w, s, kind), calls=calls)
+            row["auto"] = kernels.choose_strategy(ks.backend, "binary", m, n, k, mx.bfloat16)
+            rows.append(row)
+            best = min(row[f"binary_{label}"] for label in cands)
+            print(f"  M={m:5d} N={n:6d} K={k:6d} bf16 {row['bf16'] * 1e3:8.3f} ms  "
+                  f"binary best {best * 1e3:8.3f} ms", flush=True)
+    return rows
+
+
+def fmt_ms(t):
+    return "   n/a" if t is None else f"{t * 1e3:7.3f}"
+
+
+def print_table(rows, labels):
+    print("\nStrategy times (ms per call), binary / ternary:")
+    print(f"{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{s:>15}" for s in labels))
+    for r in rows:
+        cells = []
+        for s in labels:
+            b, t = r.get(f"binary_{s}"), r.get(f"ternary_{s}")
+            cells.append(f"{fmt_ms(b)}/{fmt_ms(t)}" if b else f"{'-':>15}")
+        print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} | " + " | ".join(cells))
+    print("\nTime per call (ms); ours = best strategy [name]; ratios ours/bf16 and q2/ours:")
+    head = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'q2':>7} {'q1':>7} | "
+            f"{'binary':>7} {'':9} {'ternary':>7} {'':9} | {'bin/bf16':>8} {'ter/bf16':>8} "
+            f"{'q2/bin':>7} {'q2/ter':>7} | {'TF/s bf16':>9} {'bin':>6} {'ter':>6} | trit cost")
+    print(head)
+    for r in rows:
+        best = {}
+        for kind in KINDS:
+            cand = {s: r[f"{kind}_{s}"] for s in labels if f"{kind}_{s}" in r}
+            s = min(cand, key=cand.get)
+            best[kind] = (s, cand[s])
+        tb, tt = best["binary"][1], best["ternary"][1]
+        flop = 2.0 * r["M"] * r["N"] * r["K"]
+        # Base-3 decode cost: ternary over binary time in the same strategy (binary's best).
+        sb = best["binary"][0]
+        trit = r[f"ternary_{sb}"] / r[f"binary_{sb}"] - 1
+        q2 = r["q2"]
+        print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} | {fmt_ms(r['bf16'])} {fmt_ms(q2)} "
+              f"{fmt_ms(r['q1'])} | {fmt_ms(tb)} [{best['binary'][0]:7}] {fmt_ms(tt)} "
+              f"[{best['ternary'][0]:7}] | {tb / r['bf16']:8.2f} {tt / r['bf16']:8.2f} "
+              f"{(q2 / tb if q2 else math.nan):7.2f} {(q2 / tt if q2 else math.nan):7.2f} | "
+              f"{flop / r['bf16'] / 1e12:9.1f} {flop / tb / 1e12:6.1f} {flop / tt / 1e12:6.1f} | "
+              f"{trit * 100:+6.1f}% ({sb})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--check-only", action="store_true")
+    p.add_argument("--profile", nargs=5, metavar=("STRATEGY", "KIND", "M", "N", "K"))
+    p.add_argument("--gemm-tile", action="append", default=[], metavar="BM,WM,WN",
+                   help="also check and time the GEMM with this tile")
+    p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
+    p.add_argument("--no-check", action="store_true", help="timing only")
+    args = p.parse_args()
+    extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
+    backend = kernels._device_backend()
+    if backend is None:
+        print("benchmarks/kernels.py needs MLX on a Metal or CUDA GPU", file=sys.stderr)
+        return 2
+    ks = kernel_set(backend)
+    info = dict(mlx=mx.__version__, backend=backend, device=mx.device_info(),
+                python=platform.python_version())
+    print(json.dumps(info, default=str))
+    if args.profile:
+        label, kind, m, n, k = args.profile
+        runner, strat = candidates(ks, int(m), mx.bfloat16, extra_tiles)[label]
+        x, w, s = inputs(kind, int(m), int(n), int(k), mx.bfloat16, mx.bfloat16, 3)
+        for _ in range(3):
+            mx.eval(runner.run(strat, x, w, s, kind))
+        return 0
+    if args.m:
+        MS[:] = args.m
+    failures, check_log = ([], []) if args.no_check else run_checks(ks, extra_tiles)
+    rows = [] if args.check_only else run_timing(ks, extra_tiles)
+    if rows:
+        labels = list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
+        print_table(rows, labels)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, checks=check_log, failures=failures, timing=rows), f,
+                      indent=1, default=str)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

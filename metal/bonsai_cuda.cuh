@@ -1,0 +1,88 @@
+// CUDA-only helpers of the bonsai kernels (appended after bonsai_decode.h by mlx_bonsai/kernels.py;
+// MLX's cuda_kernel has already included cuda_bf16.h / cuda_fp16.h). Tensor-core access is inline
+// PTX (ldmatrix + mma.sync m16n8k16, sm_80 and newer), so no CUDA header beyond MLX's is needed.
+
+#ifndef BONSAI_CUDA_CUH
+#define BONSAI_CUDA_CUH
+
+// Two floats -> one 32-bit word of two T (lo in the low half), for 16-byte shared/global stores.
+template <typename T>
+__device__ __forceinline__ uint32_t bonsai_pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t bonsai_pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t bonsai_pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// dst[0..16) = T(codes * scale): 16-byte stores (dst 32- or 64-byte aligned).
+template <typename T>
+__device__ __forceinline__ void bonsai_store16(T* dst, const BonsaiCodes16& codes, float scale) {
+  uint32_t w[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    w[j] = bonsai_pack2<T>(codes.c[2 * j] * scale, codes.c[2 * j + 1] * scale);
+  }
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  d[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+template <>
+__device__ __forceinline__ void bonsai_store16<float>(
+    float* dst, const BonsaiCodes16& codes, float scale) {
+  float4* d = reinterpret_cast<float4*>(dst);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    d[q] = make_float4(codes.c[4 * q] * scale, codes.c[4 * q + 1] * scale,
+                       codes.c[4 * q + 2] * scale, codes.c[4 * q + 3] * scale);
+  }
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8.
+__device__ __forceinline__ void bonsai_ldmatrix_x4(uint32_t* r, const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c (16x8, fp32) += a (16x16, row) * b (16x8, col), operands in T.
+template <typename T>
+__device__ __forceinline__ void bonsai_mma16816(float* c, const uint32_t* a, const uint32_t* b);
+
+template <>
+__device__ __forceinline__ void bonsai_mma16816<__nv_bfloat16>(
+    float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <>
+__device__ __forceinline__ void bonsai_mma16816<__half>(
+    float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ float bonsai_warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+#endif  // BONSAI_CUDA_CUH

@@ -1,0 +1,82 @@
+// bonsai-packed v1 decoding, shared word for word by the Metal (MSL) and CUDA kernels.
+//
+// Pure register arithmetic, no memory access, so the same text compiles as Metal Shading
+// Language, as CUDA C++ (NVRTC) and as host C++. Every kernel stages weights in runs of 16
+// consecutive inputs of one row (a run never crosses a 128-wide scale group), and turns the raw
+// bits of a run into 16 codes c in {-1, 0, +1}; the weight is c * scale of the group.
+//
+// binary:  uint32 words, element k of a row is bit (k % 32) of word k / 32; bit 1 -> +1, 0 -> -1.
+// ternary: 26 bytes per group of 128; byte j holds elements 5j..5j+4 as base-3 digits
+//          t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4 (t0 = lowest element); code = t - 1.
+
+#ifndef BONSAI_DECODE_H
+#define BONSAI_DECODE_H
+
+#if defined(__CUDACC__)
+#define BONSAI_FN __device__ __forceinline__
+#else
+#define BONSAI_FN inline
+#endif
+
+#define BONSAI_GROUP 128
+#define BONSAI_TERNARY_GROUP_BYTES 26
+
+struct BonsaiCodes16 {
+  float c[16];
+};
+
+// The 16-bit run of a binary row starting at input k (k % 16 == 0) sits in `word` at bit k % 32.
+BONSAI_FN uint32_t bonsai_binary_bits16(uint32_t word, int k) {
+  return (word >> (k & 16)) & 0xffffu;
+}
+
+BONSAI_FN BonsaiCodes16 bonsai_binary_codes16(uint32_t bits16) {
+  BonsaiCodes16 out;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    out.c[j] = ((bits16 >> j) & 1u) ? 1.0f : -1.0f;
+  }
+  return out;
+}
+
+// Byte (from the start of the row) holding input k of a ternary row.
+BONSAI_FN int bonsai_ternary_byte(int k) {
+  const uint32_t u = uint32_t(k);  // unsigned: the divisions become shifts and a multiply
+  return int((u / 128u) * 26u + (u % 128u) / 5u);
+}
+
+// Base-3 digit index of input k inside its byte.
+BONSAI_FN int bonsai_ternary_digit(int k) {
+  return int((uint32_t(k) % 128u) % 5u);
+}
+
+// floor(v / 3^i) for v <= 242 and i in 0..4: a multiply and a shift instead of a division
+// (exact over the whole range; tests/test_kernels.py checks every value).
+BONSAI_FN uint32_t bonsai_div_pow3(uint32_t v, int i) {
+  const uint32_t m = i == 0 ? 16384u : i == 1 ? 5462u : i == 2 ? 1821u : i == 3 ? 607u : 203u;
+  return (v * m) >> 14;
+}
+
+// Codes of the 16 inputs starting at digit `digit` of the first of four consecutive bytes,
+// given little-endian in `bytes4` (a run of 16 spans at most four bytes, all inside its group).
+BONSAI_FN BonsaiCodes16 bonsai_ternary_codes16(uint32_t bytes4, int digit) {
+  BonsaiCodes16 out;
+  uint32_t cur = bonsai_div_pow3(bytes4 & 0xffu, digit);
+  uint32_t rest = bytes4 >> 8;
+  int d = digit;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    if (d == 5) {
+      cur = rest & 0xffu;
+      rest >>= 8;
+      d = 0;
+    }
+    const uint32_t q = (cur * 171u) >> 9;  // cur / 3, exact for cur <= 255
+    out.c[j] = float(int(cur - 3u * q) - 1);
+    cur = q;
+    ++d;
+  }
+  return out;
+}
+
+#endif  // BONSAI_DECODE_H

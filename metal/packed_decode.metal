@@ -1,0 +1,35 @@
+// Decode to scratch: dense[Nc, K] (T) = the bonsai-packed rows given, for MLX's own matmul.
+// Body of an mx.fast.metal_kernel; MLX generates the signature:
+//   inputs  weight (uint32 binary | uint8 ternary) [Nc, *], scales [Nc, K/128] (S),
+//           and scales_shape (used below)
+//   output  dense [Nc, K] (T)
+//   template T, S, TERNARY (bool)
+//   grid (Nc * K / 16, 1, 1), threadgroup (256, 1, 1)
+// Twin: packed_decode.cu. Thread i decodes the run of 16 inputs i of the row-major output.
+
+const int N = scales_shape[0];
+const int groups = scales_shape[1];
+const int K = groups * BONSAI_GROUP;
+// 32-bit index math (64-bit division is slow on GPUs): the caller keeps N * K / 16 < 2^32.
+const uint32_t runs = uint32_t(K / 16);
+const uint32_t i = uint32_t(thread_position_in_grid.x);
+if (i >= uint32_t(N) * runs) {
+  return;
+}
+const int n = int(i / runs);
+const int k = int(i - uint32_t(n) * runs) * 16;
+const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+BonsaiCodes16 codes;
+if (TERNARY) {
+  const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                   size_t(bonsai_ternary_byte(k));
+  const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+                       (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+  codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
+} else {
+  const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
+  codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+}
+for (int j = 0; j < 16; ++j) {
+  dense[size_t(i) * 16 + size_t(j)] = T(codes.c[j] * scale);
+}

@@ -1,0 +1,73 @@
+// GEMV / small-M kernel: out[M, N] = x[M, K] @ W^T for a bonsai-packed W, for M of a few rows.
+// Body of an mx.fast.metal_kernel; MLX generates the signature:
+//   inputs  x [M, K] (T), weight (uint32 binary | uint8 ternary), scales [N, K/128] (S),
+//           and x_shape / weight_shape (used below)
+//   output  out [M, N] (T)
+//   template T, S, TERNARY (bool), MR (x rows per pass), ROWS (W rows per simdgroup)
+//   grid (ceil(N / (4*ROWS)) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
+// Twin: packed_gemv.cu.
+//
+// Each simdgroup owns ROWS output columns and streams those W rows once: lane l takes the runs of
+// 16 inputs u = l, l + 32, ..., decodes each run in registers (bonsai_decode.h) and applies it to
+// MR rows of x at once; per (column, x row) the lanes' partial sums meet in simd_sum. Columns past
+// N and x rows past M are neither read nor written.
+
+const int M = x_shape[0];
+const int K = x_shape[1];
+const int N = weight_shape[0];
+const int groups = K / BONSAI_GROUP;
+const int lane = int(thread_index_in_simdgroup);
+const int n0 = (int(threadgroup_position_in_grid.x) * 4 + int(simdgroup_index_in_threadgroup)) * ROWS;
+const int m0 = int(threadgroup_position_in_grid.y) * MR;
+
+float acc[ROWS][MR];
+for (int r = 0; r < ROWS; ++r) {
+  for (int m = 0; m < MR; ++m) {
+    acc[r][m] = 0.0f;
+  }
+}
+
+for (int k = lane * 16; k < K; k += 32 * 16) {
+  float xv[MR][16];
+  for (int m = 0; m < MR; ++m) {
+    const bool ok = m0 + m < M;
+    const size_t base = size_t(ok ? m0 + m : 0) * size_t(K) + size_t(k);
+    for (int j = 0; j < 16; ++j) {
+      xv[m][j] = ok ? float(x[base + size_t(j)]) : 0.0f;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const int n = n0 + r;
+    if (n < N) {
+      const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+      BonsaiCodes16 codes;
+      if (TERNARY) {
+        const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                         size_t(bonsai_ternary_byte(k));
+        const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+                             (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+        codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
+      } else {
+        const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
+        codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+      }
+      for (int m = 0; m < MR; ++m) {
+        float dot = 0.0f;
+        for (int j = 0; j < 16; ++j) {
+          dot += codes.c[j] * xv[m][j];
+        }
+        acc[r][m] += scale * dot;
+      }
+    }
+  }
+}
+
+for (int r = 0; r < ROWS; ++r) {
+  for (int m = 0; m < MR; ++m) {
+    const float total = simd_sum(acc[r][m]);
+    const int n = n0 + r;
+    if (lane == r * MR + m && n < N && m0 + m < M) {
+      out[size_t(m0 + m) * size_t(N) + size_t(n)] = T(total);
+    }
+  }
+}

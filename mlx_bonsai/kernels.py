@@ -1,0 +1,455 @@
+"""x @ W^T for bonsai-packed weights: Metal and CUDA kernels behind one dispatch.
+
+`packed_matmul(x, weight, scales, kind)` multiplies activations [..., K] by a binary or ternary
+packed weight (docs: format_spec "bonsai-packed v1") and returns [..., N] in x's dtype. It runs
+one of three kernel strategies on the GPU, or the pure-MLX reference:
+
+- "gemv":    few rows of x. Each simdgroup/warp streams 4 weight rows once, decodes them in
+             registers and applies them to up to 4 rows of x per pass (metal/packed_gemv.*).
+- "gemm":    tiled GEMM that decodes weight tiles into threadgroup/shared memory and multiplies
+             with simdgroup matrices (Metal) or tensor cores (CUDA); W is never expanded in device
+             memory (metal/packed_gemm.*).
+- "scratch": decode W into a dense scratch of at most SCRATCH_BYTES (chunked over N) and use
+             MLX's own matmul (metal/packed_decode.*).
+- "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
+             (MLX_BONSAI_KERNELS=reference) and the fallback.
+
+The strategy is picked per (M, N, K): `tune()` measures on this GPU; untuned shapes use
+`default_strategy` (thresholds measured on an H100 for CUDA, see BENCHMARKS.md; for Metal they
+are unmeasured defaults, as no Apple GPU was available). On the first use of each kernel variant
+in a process, a self-check compares it with the reference on random data; a kernel that fails
+(wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from then on.
+
+Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | scratch.
+
+Harness contract (running the Metal sources without a Mac): every Metal kernel is created by
+`factory(name=, input_names=, output_names=, source=, header=, ensure_row_contiguous=,
+atomic_outputs=)`, keyword arguments, and launched as `kernel(inputs=, template=, grid=,
+threadgroup=, output_shapes=, output_dtypes=, init_value=)` returning a list of arrays; that is
+`mx.fast.metal_kernel`'s interface. `metal_packed_matmul(x, weight, scales, kind, strategy=...,
+factory=F)` runs exactly the launch logic of the Metal path with kernels built by F (one
+KernelSet per factory, built once). Sources are function bodies: MLX writes the signature from
+input_names (x, weight, scales; decode: weight, scales), output_names (out; decode: dense), the
+template arguments, `<input>_shape` arrays when a body mentions them, and the Metal attributes a
+body mentions (threadgroup_position_in_grid, thread_position_in_grid, thread_index_in_threadgroup,
+simdgroup_index_in_threadgroup, thread_index_in_simdgroup).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import BonsaiError, ConfigError, WeightsError
+from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES
+from .quant import unpack_binary, unpack_ternary
+
+KINDS = ("binary", "ternary")
+STRATEGIES = ("gemv", "gemm", "scratch")
+SCRATCH_BYTES = 32 * 2**20
+ENV_VAR = "MLX_BONSAI_KERNELS"
+SOURCE_DIR = Path(__file__).resolve().parent / "metal"
+
+_FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+_GEMV_GROUPS = 4  # simdgroups / warps per threadgroup
+_DECODE_THREADS = 256
+
+# Largest M that goes to the GEMV, and smallest M that goes to scratch + MLX matmul (between
+# them: the fused GEMM), per backend. CUDA: measured on an H100 (BENCHMARKS.md). Metal: not
+# measured (no Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs
+# about one weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
+_THRESHOLDS = {"metal": (4, 512), "cuda": (4, 256)}
+_TUNED: dict[tuple, str] = {}
+
+
+@functools.cache
+def _source(name: str) -> str:
+    """A kernel source file without comments and blank lines: MLX rebuilds and hashes the whole
+    source on every launch, so shorter text is less CPU time per call."""
+    text = re.sub(r"//[^\n]*", "", (SOURCE_DIR / name).read_text())
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
+
+
+class KernelSet:
+    """The kernels of one backend ("metal" or "cuda"), built from `factory` once and cached."""
+
+    def __init__(self, backend: str, factory: Callable[..., Any]):
+        if backend not in ("metal", "cuda"):
+            raise ValueError(f"backend must be 'metal' or 'cuda', not {backend!r}")
+        self.backend = backend
+        self.factory = factory
+        self._built: dict[str, Any] = {}
+
+    def _kernel(self, name: str, input_names: list[str], output_name: str) -> Any:
+        kernel = self._built.get(name)
+        if kernel is None:
+            if self.backend == "metal":
+                header = _source("bonsai_metal.h") + _source("bonsai_decode.h")
+                extra = {"atomic_outputs": False}
+                source = _source(f"packed_{name}.metal")
+            else:
+                header = _source("bonsai_decode.h") + _source("bonsai_cuda.cuh")
+                extra = {}
+                source = _source(f"packed_{name}.cu")
+            kernel = self.factory(
+                name=f"bonsai_{name}",
+                input_names=input_names,
+                output_names=[output_name],
+                source=source,
+                header=header,
+                ensure_row_contiguous=True,
+                **extra,
+            )
+            self._built[name] = kernel
+        return kernel
+
+    def supports(self, strategy: str, dtype: mx.Dtype) -> bool:
+        # The CUDA GEMM feeds tensor cores with 16-bit tiles; float32 goes through scratch.
+        return not (self.backend == "cuda" and strategy == "gemm" and dtype == mx.float32)
+
+    def gemm_tile(self, m: int) -> tuple[int, int, int]:
+        """(BM = BN, WM, WN) of the GEMM launch for m rows."""
+        if self.backend == "cuda" and m > 64:
+            return 128, 2, 4
+        return 64, 2, 2
+
+    @staticmethod
+    def gemv_rows(m: int) -> int:
+        """Rows of x per GEMV pass (MR): 1, 2 or 4; also the W rows per simdgroup (ROWS), so
+        that a single x row still spreads over enough simdgroups to keep the GPU busy."""
+        return 1 if m == 1 else 2 if m == 2 else 4
+
+    def variant(self, strategy: str, m: int) -> tuple:
+        """What distinguishes the compiled kernel a call uses (for the self-check)."""
+        if strategy == "gemv":
+            return (self.gemv_rows(m),)
+        if strategy == "gemm":
+            return self.gemm_tile(m)
+        return ()
+
+    def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
+             init_value: float | None = None) -> mx.array:
+        m, n = x.shape[0], weight.shape[0]
+        bm, wm, wn = self.gemm_tile(m)
+        threads = 32 * wm * wn
+        return self._kernel("gemm", ["x", "weight", "scales"], "out")(
+            inputs=[x, weight, scales],
+            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
+                      ("BM", bm), ("BN", bm), ("WM", wm), ("WN", wn)],
+            grid=(math.ceil(n / bm) * threads, math.ceil(m / bm), 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(m, n)],
+            output_dtypes=[x.dtype],
+            init_value=init_value,
+        )[0]
+
+    def gemv(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
+             init_value: float | None = None) -> mx.array:
+        m, n = x.shape[0], weight.shape[0]
+        mr = self.gemv_rows(m)
+        return self._kernel("gemv", ["x", "weight", "scales"], "out")(
+            inputs=[x, weight, scales],
+            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
+                      ("MR", mr), ("ROWS", mr)],
+            grid=(math.ceil(n / (mr * _GEMV_GROUPS)) * 32 * _GEMV_GROUPS, math.ceil(m / mr), 1),
+            threadgroup=(32 * _GEMV_GROUPS, 1, 1),
+            output_shapes=[(m, n)],
+            output_dtypes=[x.dtype],
+            init_value=init_value,
+        )[0]
+
+    def decode(self, weight: mx.array, scales: mx.array, ternary: bool, dtype: mx.Dtype,
+               init_value: float | None = None) -> mx.array:
+        """Dense [rows, K] in `dtype` of the packed rows given."""
+        n, k = scales.shape[0], scales.shape[1] * GROUP_SIZE
+        return self._kernel("decode", ["weight", "scales"], "dense")(
+            inputs=[weight, scales],
+            template=[("T", dtype), ("S", scales.dtype), ("TERNARY", ternary)],
+            grid=(n * k // 16, 1, 1),
+            threadgroup=(_DECODE_THREADS, 1, 1),
+            output_shapes=[(n, k)],
+            output_dtypes=[dtype],
+            init_value=init_value,
+        )[0]
+
+    def scratch(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
+                init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES) -> mx.array:
+        """Decode at most ~`scratch_bytes` of dense rows at a time and multiply with MLX.
+
+        Chunks are balanced and a multiple of 128 rows (but the last): an odd N makes MLX's
+        CUDA matmul take a far slower path (measured 7x at N = 5461).
+        """
+        n, k = weight.shape[0], x.shape[1]
+        most = max(128, scratch_bytes // (k * x.dtype.size) // 128 * 128)
+        chunks = math.ceil(n / most)
+        rows = min(most, math.ceil(n / chunks / 128) * 128)
+        outs = [
+            x @ self.decode(weight[r:r + rows], scales[r:r + rows], ternary, x.dtype, init_value).T
+            for r in range(0, n, rows)
+        ]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+    def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+            init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES) -> mx.array:
+        """x [M, K] @ W^T with one strategy."""
+        ternary = kind == "ternary"
+        if strategy == "scratch":
+            return self.scratch(x, weight, scales, ternary, init_value, scratch_bytes)
+        if strategy == "gemv":
+            return self.gemv(x, weight, scales, ternary, init_value)
+        if strategy == "gemm":
+            return self.gemm(x, weight, scales, ternary, init_value)
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+
+
+_KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
+
+
+def kernel_set(backend: str, factory: Callable[..., Any] | None = None) -> KernelSet:
+    """The cached KernelSet of `backend` built by `factory` (default: MLX's metal/cuda_kernel)."""
+    if factory is None:
+        factory = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    key = (backend, factory)
+    if key not in _KERNEL_SETS:
+        _KERNEL_SETS[key] = KernelSet(backend, factory)
+    return _KERNEL_SETS[key]
+
+
+def _check_inputs(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                  group_size: int) -> tuple[int, int]:
+    """(N, K) after checking that x, weight and scales form one bonsai-packed matmul."""
+    if kind not in KINDS:
+        raise BonsaiError(f"packed kind must be one of {KINDS}, not {kind!r}")
+    if group_size != GROUP_SIZE:
+        raise BonsaiError(f"bonsai-packed v1 uses groups of {GROUP_SIZE}, not {group_size}")
+    if x.ndim < 1 or x.dtype not in _FLOAT_DTYPES:
+        raise BonsaiError(f"x must be a float16/bfloat16/float32 array [..., K], got {x.dtype} "
+                          f"{tuple(x.shape)}")
+    k = x.shape[-1]
+    if k % GROUP_SIZE:
+        raise BonsaiError(f"x has K = {k} inputs, not a multiple of the group size {GROUP_SIZE}")
+    n = weight.shape[0] if weight.ndim == 2 else -1
+    if kind == "binary":
+        want, want_dtype = (n, k // 32), mx.uint32
+    else:
+        want, want_dtype = (n, k // GROUP_SIZE * TERNARY_GROUP_BYTES), mx.uint8
+    if weight.ndim != 2 or tuple(weight.shape) != want or weight.dtype != want_dtype:
+        raise WeightsError(f"{kind} weight for K = {k} must be {want_dtype} [N, {want[1]}], got "
+                           f"{weight.dtype} {tuple(weight.shape)}")
+    if tuple(scales.shape) != (n, k // GROUP_SIZE) or scales.dtype not in _FLOAT_DTYPES:
+        raise WeightsError(f"scales must be float [{n}, {k // GROUP_SIZE}], got {scales.dtype} "
+                           f"{tuple(scales.shape)}")
+    return n, k
+
+
+def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                     group_size: int = GROUP_SIZE) -> mx.array:
+    """The pure-MLX path: unpack W to dense in x's dtype, then x @ W^T."""
+    _check_inputs(x, weight, scales, kind, group_size)
+    unpack = unpack_binary if kind == "binary" else unpack_ternary
+    return x @ unpack(weight, scales, x.dtype).T
+
+
+def default_strategy(backend: str, m: int, dtype: mx.Dtype) -> str:
+    """The strategy an untuned shape gets (see _THRESHOLDS)."""
+    gemv_max, scratch_min = _THRESHOLDS[backend]
+    if m <= gemv_max:
+        return "gemv"
+    if m >= scratch_min or not kernel_set(backend).supports("gemm", dtype):
+        return "scratch"
+    return "gemm"
+
+
+def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.Dtype) -> str:
+    """The measured winner for this shape if tune() ran for it, else the default."""
+    return _TUNED.get((backend, kind, dtype, m, n, k)) or default_strategy(backend, m, dtype)
+
+
+def _device_backend() -> str | None:
+    """ "metal" or "cuda" when MLX computes on a GPU with that backend, else None."""
+    if mx.default_device().type != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "reference", *STRATEGIES):
+        raise ConfigError(f"{ENV_VAR}={mode!r}: use auto, reference, {', '.join(STRATEGIES)}")
+    return mode
+
+
+def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                 group_size: int, strategy: str | None, factory: Callable[..., Any] | None,
+                 init_value: float | None) -> mx.array:
+    n, k = _check_inputs(x, weight, scales, kind, group_size)
+    x2 = x.reshape(-1, k)
+    ks = kernel_set(backend, factory)
+    strategy = strategy or choose_strategy(backend, kind, x2.shape[0], n, k, x.dtype)
+    if not ks.supports(strategy, x.dtype):
+        raise BonsaiError(f"the {backend} {strategy} kernel does not take {x.dtype} activations")
+    y = ks.run(strategy, x2, weight, scales, kind, init_value)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def metal_packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                        group_size: int = GROUP_SIZE, *, strategy: str | None = None,
+                        factory: Callable[..., Any] | None = None,
+                        init_value: float | None = None) -> mx.array:
+    """The Metal path without self-check: kernels built by `factory` (the harness contract)."""
+    return _run_backend("metal", x, weight, scales, kind, group_size, strategy, factory,
+                        init_value)
+
+
+def cuda_packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                       group_size: int = GROUP_SIZE, *, strategy: str | None = None,
+                       factory: Callable[..., Any] | None = None,
+                       init_value: float | None = None) -> mx.array:
+    """The CUDA path without self-check (mx.fast.cuda_kernel unless `factory` is given)."""
+    return _run_backend("cuda", x, weight, scales, kind, group_size, strategy, factory,
+                        init_value)
+
+
+def random_packed(kind: str, n: int, k: int, scale_dtype: mx.Dtype = mx.bfloat16,
+                  key: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Random valid (weight, scales) of logical shape [n, k] (self-checks, tests, benchmarks)."""
+    kw, ks = mx.random.split(key if key is not None else mx.random.key(0))
+    if kind == "binary":
+        bits = mx.random.randint(0, 2**16, (n, k // 32, 2), key=kw).astype(mx.uint32)
+        weight = bits[..., 0] | (bits[..., 1] << 16)
+    else:
+        # Any byte <= 242 is valid; the spare digits of byte 25 are never read.
+        weight = mx.random.randint(0, 243, (n, k // GROUP_SIZE * TERNARY_GROUP_BYTES),
+                                   key=kw).astype(mx.uint8)
+    scales = (mx.random.uniform(0.5, 1.5, (n, k // GROUP_SIZE), key=ks) * 0.05).astype(scale_dtype)
+    return weight, scales
+
+
+def relative_error(y: mx.array, ref: mx.array) -> float:
+    """max |y - ref| / max |ref|, in float32; NaN anywhere in y gives NaN (never passes)."""
+    y, ref = y.astype(mx.float32), ref.astype(mx.float32)
+    if not mx.all(mx.isfinite(y)).item():
+        return math.nan
+    return (mx.abs(y - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-30)).item()
+
+
+SELF_CHECK_TOLERANCE = 1e-2
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
+                m: int) -> bool:
+    """Run the kernel variant that m rows would use on small random data; warn once on failure."""
+    key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m))
+    if key in _CHECKED:
+        return _CHECKED[key]
+    # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N,
+    # K = 3 groups (not a multiple of the GEMV's 512-wide lane sweep), several scratch chunks.
+    if strategy == "gemv":
+        rows = 2 * ks.gemv_rows(m) - 1
+    elif strategy == "gemm":
+        rows = ks.gemm_tile(m)[0] + 7
+    else:
+        rows = 5
+    n, k = 200, 3 * GROUP_SIZE
+    kx, kw = mx.random.split(mx.random.key(1))
+    x = mx.random.normal((rows, k), key=kx).astype(dtype)
+    weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
+    try:
+        y = ks.run(strategy, x, weight, scales, kind, init_value=math.nan,
+                   scratch_bytes=64 * k * dtype.size)
+        ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
+        err = relative_error(y, ref)
+        reason = f"relative error {err:.3g} > {SELF_CHECK_TOLERANCE}"
+        ok = err <= SELF_CHECK_TOLERANCE  # False for NaN
+    except Exception as e:  # a kernel that does not build or launch: same fallback
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        warnings.warn(
+            f"mlx_bonsai: the {ks.backend} '{strategy}' kernel for {kind} weights and {dtype} "
+            f"activations failed its self-check ({reason}); using the reference path instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _CHECKED[key] = ok
+    return ok
+
+
+def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+                  group_size: int = GROUP_SIZE, *, strategy: str | None = None) -> mx.array:
+    """x [..., K] @ W^T for a bonsai-packed `weight`/`scales` of `kind` ("binary"/"ternary").
+
+    GPU kernels where MLX runs on Metal or CUDA (strategy per shape, self-checked on first use),
+    the pure-MLX reference elsewhere or when MLX_BONSAI_KERNELS=reference.
+    """
+    n, k = _check_inputs(x, weight, scales, kind, group_size)
+    mode = _mode()
+    backend = _device_backend()
+    if mode == "reference" or backend is None:
+        return reference_matmul(x, weight, scales, kind)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    ks = kernel_set(backend)
+    strategy = strategy or (mode if mode != "auto" else None)
+    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
+    if not ks.supports(strategy, x.dtype):
+        raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
+                          f"(strategy forced by {ENV_VAR} or the caller)")
+    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m):
+        return reference_matmul(x, weight, scales, kind)
+    return ks.run(strategy, x2, weight, scales, kind).reshape(*x.shape[:-1], n)
+
+
+def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,
+              calls: int = 10) -> float:
+    """Median seconds per call of `fn`: `repeats` batches of `calls` calls, each batch evaluated
+    together (so MLX's per-call dispatch counts, as in a model), after `warmup` calls."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval([fn() for _ in range(calls)])
+        times.append((time.perf_counter() - t0) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx.bfloat16,
+         scale_dtype: mx.Dtype = mx.bfloat16) -> dict[tuple[int, int, int], dict[str, float]]:
+    """Time every strategy at each (M, N, K) on this GPU and use the fastest from then on.
+
+    Returns {shape: {strategy: seconds}}. Strategies that fail their self-check are skipped.
+    """
+    backend = _device_backend()
+    if backend is None:
+        raise BonsaiError("tune() needs MLX on a Metal or CUDA GPU")
+    ks = kernel_set(backend)
+    results = {}
+    for m, n, k in shapes:
+        kx, kw = mx.random.split(mx.random.key(2))
+        x = mx.random.normal((m, k), key=kx).astype(dtype)
+        weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
+        mx.eval(x, weight, scales)
+        timings = {}
+        for strategy in STRATEGIES:
+            if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
+                                                            scale_dtype, m):
+                timings[strategy] = time_call(
+                    functools.partial(ks.run, strategy, x, weight, scales, kind))
+        if timings:
+            _TUNED[(backend, kind, dtype, m, n, k)] = min(timings, key=timings.get)
+        results[(m, n, k)] = timings
+    return results

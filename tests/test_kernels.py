@@ -1,0 +1,258 @@
+"""mlx_bonsai.kernels on the CPU: the dispatch, its reference path, the env var and the self-check.
+
+GPU kernels cannot run here; benchmarks/kernels.py checks them on a GPU. What runs here: the
+reference against float64 NumPy on both layouts, the decode arithmetic of the shared kernel
+header, and the dispatch logic with injected kernel factories (a wrong one, a correct one).
+"""
+
+import math
+import re
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from mlx_bonsai import kernels
+from mlx_bonsai.errors import BonsaiError, ConfigError, WeightsError
+
+K = 384  # three groups: a multiple of 128, not of the GEMV's 512-input lane sweep
+N = 72  # not a multiple of the 16-row GEMV block or the 64-row GEMM tile
+
+# float64 NumPy packing straight from format_spec.md, independent of mlx_bonsai.packing.
+
+
+def pack_binary(codes: np.ndarray) -> np.ndarray:
+    """codes in {-1, +1} [n, k] -> uint32 [n, k/32], element k = bit k%32 of word k//32."""
+    bits = (codes > 0).astype(np.uint64).reshape(codes.shape[0], -1, 32)
+    return (bits << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+
+
+def pack_ternary(codes: np.ndarray) -> np.ndarray:
+    """codes in {-1, 0, +1} [n, k] -> uint8 [n, k/128*26], 5 base-3 digits a byte."""
+    n, k = codes.shape
+    t = (codes + 1).reshape(n, k // 128, 128)
+    t = np.concatenate([t, np.zeros((n, k // 128, 2), t.dtype)], axis=-1).reshape(n, -1, 26, 5)
+    return (t * 3 ** np.arange(5)).sum(-1).astype(np.uint8).reshape(n, -1)
+
+
+def make_layer(kind, n, k, scale_dtype, rng):
+    codes = rng.choice([-1, 1] if kind == "binary" else [-1, 0, 1], size=(n, k))
+    scales = mx.array(rng.uniform(0.01, 0.1, (n, k // 128)).astype(np.float32)).astype(scale_dtype)
+    dense = codes * np.repeat(np.array(scales.astype(mx.float32), np.float64), 128, axis=1)
+    weight = pack_binary(codes) if kind == "binary" else pack_ternary(codes)
+    return mx.array(weight), scales, dense
+
+
+def test_numpy_packer_follows_the_spec():
+    # Element 0 of a group is the lowest digit of byte 0; bytes stay <= 242; byte 25's spare
+    # digits are zero.
+    codes = np.full((1, 128), -1)
+    codes[0, 0], codes[0, 6], codes[0, 127] = 1, 0, 1
+    packed = pack_ternary(codes)
+    assert packed.shape == (1, 26) and packed.max() <= 242
+    assert packed[0, 0] == 2 and packed[0, 1] == 3 and packed[0, 25] == 2 * 9
+    bits = pack_binary(np.where(np.arange(64) % 33 == 0, 1, -1)[None])
+    assert bits.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize(
+    "x_dtype, scale_dtype, tol",
+    [
+        (mx.float32, mx.bfloat16, 1e-5),
+        (mx.float16, mx.float16, 2e-3),
+        (mx.bfloat16, mx.bfloat16, 1e-2),
+    ],
+)
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 35)])
+def test_cpu_dispatch_is_the_reference_and_matches_float64(kind, x_dtype, scale_dtype, tol, lead):
+    rng = np.random.default_rng(0)
+    weight, scales, dense = make_layer(kind, N, K, scale_dtype, rng)
+    x = rng.standard_normal((*lead, K)).astype(np.float32)
+    x_mx = mx.array(x).astype(x_dtype)
+    assert kernels._device_backend() is None  # the CPU test machine has no Metal/CUDA
+    y = kernels.packed_matmul(x_mx, weight, scales, kind)
+    assert y.shape == (*lead, N) and y.dtype == x_dtype
+    assert mx.array_equal(y, kernels.reference_matmul(x_mx, weight, scales, kind))
+    want = np.array(x_mx.astype(mx.float32), np.float64) @ dense.T
+    assert rel_err(np.array(y.astype(mx.float32)), want) <= tol
+
+
+def test_shared_header_decode_arithmetic_is_exact():
+    # The magic multipliers in metal/bonsai_decode.h replace divisions by 3^i; check them (as
+    # written in the header) on every byte value a valid pack can hold.
+    header = (kernels.SOURCE_DIR / "bonsai_decode.h").read_text()
+    body = header[header.index("bonsai_div_pow3(uint32_t v"):]
+    magic = [int(m) for m in re.findall(r"(\d+)u", body[: body.index("return")])]
+    shift = int(re.search(r">> (\d+);", body).group(1))
+    assert len(magic) == 5
+    v = np.arange(243)
+    for i, m in enumerate(magic):
+        assert np.array_equal((v * m) >> shift, v // 3**i), i
+    third = re.search(r"\(cur \* (\d+)u\) >> (\d+)", header)
+    mul, sh = int(third.group(1)), int(third.group(2))
+    v = np.arange(256)
+    assert np.array_equal((v * mul) >> sh, v // 3)
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (dict(kind="quaternary"), BonsaiError),
+        (dict(group_size=64), BonsaiError),
+        (dict(x=mx.zeros((2, 200))), BonsaiError),
+        (dict(x=mx.zeros((2, K), dtype=mx.int32)), BonsaiError),
+        (dict(weight=mx.zeros((N, K // 32), dtype=mx.uint8)), WeightsError),
+        (dict(weight=mx.zeros((N, K // 16), dtype=mx.uint32)), WeightsError),
+        (dict(scales=mx.zeros((N + 1, 3))), WeightsError),
+    ],
+)
+def test_bad_inputs_raise_named_errors(args, error):
+    weight, scales = kernels.random_packed("binary", N, K)
+    call = dict(x=mx.zeros((2, K)), weight=weight, scales=scales, kind="binary")
+    call.update(args)
+    with pytest.raises(error):
+        kernels.packed_matmul(**call)
+
+
+# Dispatch with injected kernels: pretend MLX runs on a Metal GPU and give the KernelSet a
+# factory with mx.fast.metal_kernel's interface.
+
+
+class FakeFactory:
+    """Stands in for mx.fast.metal_kernel; each launch is recorded and answered by `answer`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.built, self.launches = [], []
+
+    def __call__(self, *, name, input_names, output_names, source, header, ensure_row_contiguous,
+                 atomic_outputs):
+        self.built.append(name)
+        assert source and "bonsai_ternary_codes16" in header and ensure_row_contiguous
+
+        def launch(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                   init_value=None):
+            self.launches.append((name, dict(template), grid, threadgroup, init_value))
+            assert grid[0] % threadgroup[0] == 0 or name == "bonsai_decode"
+            return [self.answer(name, inputs, dict(template), output_shapes[0], output_dtypes[0])]
+
+        return launch
+
+
+def correct_answer(name, inputs, template, shape, dtype):
+    kind = "ternary" if template["TERNARY"] else "binary"
+    unpack = kernels.unpack_ternary if template["TERNARY"] else kernels.unpack_binary
+    if name == "bonsai_decode":
+        return unpack(inputs[0], inputs[1], dtype)
+    return kernels.reference_matmul(inputs[0].astype(mx.float32), inputs[1], inputs[2],
+                                    kind).astype(dtype)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(kernels, "_device_backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+
+    def install(answer):
+        factory = FakeFactory(answer)
+        monkeypatch.setattr(mx.fast, "metal_kernel", factory)
+        return factory
+
+    return install
+
+
+@pytest.mark.parametrize("m, strategy", [(1, "gemv"), (3, "gemv"), (70, "gemm"), (600, "scratch")])
+def test_dispatch_uses_a_kernel_that_passes_its_self_check(fake_gpu, recwarn, m, strategy):
+    factory = fake_gpu(correct_answer)
+    weight, scales = kernels.random_packed("ternary", N, K)
+    x = mx.random.normal((m, K)).astype(mx.bfloat16)
+    y = kernels.packed_matmul(x, weight, scales, "ternary")
+    assert kernels.default_strategy("metal", m, mx.bfloat16) == strategy
+    assert factory.built == [f"bonsai_{'decode' if strategy == 'scratch' else strategy}"]
+    assert not recwarn.list
+    ref = kernels.reference_matmul(x, weight, scales, "ternary")
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    # The self-check ran on NaN-poisoned outputs, once; the real call launched after it.
+    assert math.isnan(factory.launches[0][4]) and factory.launches[-1][4] is None
+    n_launches = len(factory.launches)
+    kernels.packed_matmul(x, weight, scales, "ternary")
+    assert len(factory.launches) > n_launches and not recwarn.list
+
+
+def test_scratch_decodes_in_chunks_over_n(fake_gpu):
+    factory = fake_gpu(correct_answer)
+    weight, scales = kernels.random_packed("binary", 300, K)
+    x = mx.random.normal((5, K))
+    ks = kernels.kernel_set("metal")
+    y = ks.run("scratch", x, weight, scales, "binary", scratch_bytes=128 * K * 4)
+    # Chunks of at most 128 rows, multiples of 128 but the last: 128 + 128 + 44.
+    grids = [launch[2][0] for launch in factory.launches]
+    assert grids == [128 * K // 16, 128 * K // 16, 44 * K // 16]
+    ref = kernels.reference_matmul(x, weight, scales, "binary")
+    assert rel_err(np.array(y), np.array(ref)) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda name, inputs, template, shape, dtype: mx.zeros(shape, dtype),
+        lambda name, inputs, template, shape, dtype: mx.full(shape, math.nan, dtype),
+        lambda name, inputs, template, shape, dtype: 2 * correct_answer(
+            name, inputs, template, shape, dtype),
+    ],
+    ids=["zeros", "nan", "twice"],
+)
+def test_a_wrong_kernel_warns_once_and_falls_back_to_the_reference(fake_gpu, answer):
+    factory = fake_gpu(answer)
+    weight, scales = kernels.random_packed("binary", N, K)
+    x = mx.random.normal((1, K)).astype(mx.float16)
+    with pytest.warns(RuntimeWarning, match="gemv.*failed its self-check"):
+        y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert mx.array_equal(y, kernels.reference_matmul(x, weight, scales, "binary"))
+    launches = len(factory.launches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2 = kernels.packed_matmul(x, weight, scales, "binary")
+    assert len(factory.launches) == launches  # the kernel is not used again
+    assert mx.array_equal(y2, y)
+
+
+def test_a_kernel_that_does_not_build_falls_back(fake_gpu, monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("compile error: expected ';'")
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", broken)
+    weight, scales = kernels.random_packed("ternary", N, K)
+    x = mx.random.normal((2, K))
+    with pytest.warns(RuntimeWarning, match="RuntimeError: compile error"):
+        y = kernels.packed_matmul(x, weight, scales, "ternary")
+    assert mx.array_equal(y, kernels.reference_matmul(x, weight, scales, "ternary"))
+
+
+def test_env_var_forces_the_reference_or_a_strategy(fake_gpu, monkeypatch):
+    factory = fake_gpu(correct_answer)
+    weight, scales = kernels.random_packed("binary", N, K)
+    x = mx.random.normal((3, K))
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert not factory.built
+    assert mx.array_equal(y, kernels.reference_matmul(x, weight, scales, "binary"))
+    monkeypatch.setenv(kernels.ENV_VAR, "gemm")
+    kernels.packed_matmul(x, weight, scales, "binary")
+    assert factory.built == ["bonsai_gemm"]
+    monkeypatch.setenv(kernels.ENV_VAR, "fastest")
+    with pytest.raises(ConfigError, match=kernels.ENV_VAR):
+        kernels.packed_matmul(x, weight, scales, "binary")
+
+
+def test_cuda_gemm_never_takes_float32(monkeypatch):
+    monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
+    for m in (1, 64, 200, 5000):
+        assert kernels.default_strategy("cuda", m, mx.float32) != "gemm"
+    ks = kernels.kernel_set("cuda", factory=FakeFactory(correct_answer))
+    assert not ks.supports("gemm", mx.float32) and ks.supports("gemm", mx.bfloat16)

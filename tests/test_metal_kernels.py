@@ -1,0 +1,199 @@
+"""The package's Metal kernels (metal/*.metal), executed on the CPU by the MSL harness.
+
+Every kernel runs through kernels.py's real launch code (`metal_packed_matmul(..., factory=)`,
+the harness standing in for `mx.fast.metal_kernel`) on shapes that cross every tile edge, and must
+match the pure-MLX reference. Deliberately broken copies of the real sources, patched at test
+time, must be caught.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import mlx.core as mx
+import pytest
+from conftest import rel_err
+from metal_harness import KernelRaceError, KernelRuntimeError, have_compiler, metal_kernel
+
+from mlx_bonsai import kernels
+
+if platform.system() != "Linux":
+    pytest.skip("the MSL harness is the Linux CI stand-in for Metal", allow_module_level=True)
+assert have_compiler(), "the MSL harness needs g++ (C++20); install it to run these tests"
+
+# K = 3 groups: a multiple of 128 but not of the GEMV's 512-wide lane sweep. N = 200: not a
+# multiple of the GEMM tile (64) or of the GEMV's 16 rows per threadgroup.
+N, K = 200, 3 * 128
+# Rows of x per strategy: GEMV passes of 1, 2 and 4 rows (3 = one partial pass of 4), GEMM one
+# full 64-row tile plus a partial one; scratch any.
+ROWS = {"gemv": (1, 2, 3), "gemm": (71,), "scratch": (5,)}
+# The output is rounded to x's dtype once: allow its machine epsilon (twice the rounding error).
+EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
+DTYPES = [(mx.float32, mx.bfloat16), (mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16)]
+
+
+def inputs(kind, m, x_dtype=mx.float32, scale_dtype=mx.bfloat16, seed=0):
+    kx, kw = mx.random.split(mx.random.key(seed))
+    x = mx.random.normal((m, K), key=kx).astype(x_dtype)
+    weight, scales = kernels.random_packed(kind, N, K, scale_dtype, key=kw)
+    return x, weight, scales
+
+
+def reference(x, weight, scales, kind):
+    return kernels.reference_matmul(x.astype(mx.float32), weight, scales, kind)
+
+
+CASES = [
+    (strategy, m, x_dtype, scale_dtype)
+    for strategy, rows in ROWS.items()
+    for m in rows
+    for x_dtype, scale_dtype in (DTYPES if m == rows[-1] else DTYPES[:1])
+]
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+@pytest.mark.parametrize("strategy,m,x_dtype,scale_dtype", CASES)
+def test_metal_kernel_matches_reference(kind, strategy, m, x_dtype, scale_dtype):
+    x, weight, scales = inputs(kind, m, x_dtype, scale_dtype)
+    y = kernels.metal_packed_matmul(
+        x, weight, scales, kind, strategy=strategy, factory=metal_kernel
+    )
+    assert y.dtype == x_dtype and y.shape == (m, N)
+    assert rel_err(y.astype(mx.float32), reference(x, weight, scales, kind)) <= EPS[x_dtype] + 1e-6
+
+
+def _code(text: str) -> str:
+    """`text` without comments and whitespace: kernels.py may strip both before launching."""
+    return re.sub(r"\s+", "", re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S))
+
+
+def test_every_metal_kernel_runs_under_the_harness():
+    used = []
+
+    def recording(**kw):
+        used.append(_code(kw["source"]))
+        return metal_kernel(**kw)
+
+    for strategy in kernels.STRATEGIES:
+        x, weight, scales = inputs("binary", ROWS[strategy][-1])
+        kernels.metal_packed_matmul(
+            x, weight, scales, "binary", strategy=strategy, factory=recording
+        )
+    sources = sorted(kernels.SOURCE_DIR.glob("*.metal"))
+    assert sources
+    for path in sources:
+        assert _code(path.read_text()) in used, f"{path.name} is not launched by any strategy"
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken copies of the real kernels, made by a regular-expression patch of the text kernels.py
+# passes to the factory (spaces in a pattern match any whitespace). A pattern that no longer
+# matches exactly once fails the test: update it to the kernel's new text.
+# ------------------------------------------------------------------------------------------------
+BARRIER = r"threadgroup_barrier\(mem_flags::mem_threadgroup\);"
+
+
+def patched(kernel, pattern, replacement, where="source"):
+    """A factory building kernel `bonsai_<kernel>` from its real text, patched."""
+    regex = re.compile(pattern.replace(" ", r"\s*"))
+
+    def factory(**kw):
+        if kw["name"] == f"bonsai_{kernel}":
+            text, count = regex.subn(replacement, kw[where])
+            assert count == 1, f"patch target matched {count} times in {kernel} {where}: {pattern}"
+            kw = {**kw, where: text}
+        return metal_kernel(**kw)
+
+    return factory
+
+
+BROKEN = [
+    # the K loop's first barrier: a simdgroup overwrites tiles others still read
+    (
+        "gemm",
+        rf"{BARRIER}( for \(int r = 0; r < RUNS; \+\+r\) {{ const int row)",
+        r"\1",
+        KernelRaceError,
+        "depends on the thread schedule",
+        "first K-loop barrier",
+    ),
+    # the second: simdgroups read tiles still being written
+    (
+        "gemm",
+        rf"{BARRIER}( for \(int kk)",
+        r"\1",
+        KernelRaceError,
+        "depends on the thread schedule",
+        "second K-loop barrier",
+    ),
+    # the epilogue's: threads read back fragments other simdgroups have not stored yet
+    (
+        "gemm",
+        rf"{BARRIER}( for \(int r = 0; r < RUNS; \+\+r\) {{ const int orow)",
+        r"\1",
+        KernelRaceError,
+        "depends on the thread schedule",
+        "epilogue barrier",
+    ),
+    (
+        "gemm",
+        r"if \(m0 \+ orow < M\)",
+        "if (m0 + orow <= M)",
+        KernelRuntimeError,
+        "out-of-bounds write of buffer 'out'",
+        "M edge off by one",
+    ),
+    (
+        "gemm",
+        r"if \(n < N\) {( scale\[r\])",
+        r"if (n <= N) {\1",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'scales'",
+        "N edge off by one",
+    ),
+    (
+        "gemv",
+        r"if \(n < N\) {( const float scale)",
+        r"if (n <= N) {\1",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'scales'",
+        "GEMV N edge off by one",
+    ),
+    (
+        "gemv",
+        r"const bool ok = m0 \+ m < M;",
+        "const bool ok = m0 + m <= M;",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'x'",
+        "GEMV M edge off by one",
+    ),
+    (
+        "decode",
+        r"\* 16 \+ size_t\(j\)\]",
+        "* 16 + size_t(j) + 1]",
+        KernelRuntimeError,
+        "out-of-bounds write of buffer 'dense'",
+        "decode store off by one",
+    ),
+]
+STRATEGY_OF = {"gemm": "gemm", "gemv": "gemv", "decode": "scratch"}
+
+
+@pytest.mark.parametrize(
+    "kernel,pattern,replacement,error,message", [b[:5] for b in BROKEN], ids=[b[5] for b in BROKEN]
+)
+def test_broken_kernel_is_caught(kernel, pattern, replacement, error, message):
+    strategy = STRATEGY_OF[kernel]
+    x, weight, scales = inputs("binary", ROWS[strategy][-1])
+    factory = patched(kernel, pattern, replacement)
+    with pytest.raises(error, match=message):
+        kernels.metal_packed_matmul(x, weight, scales, "binary", strategy=strategy, factory=factory)
+
+
+def test_broken_ternary_decoding_is_caught():
+    # Off by one in the shared decoder (bonsai_decode.h): the byte of its group holding input k.
+    factory = patched("gemv", r"\(u % 128u\) / 5u", "(u % 128u + 1u) / 5u", where="header")
+    x, weight, scales = inputs("ternary", 3)
+    y = kernels.metal_packed_matmul(x, weight, scales, "ternary", strategy="gemv", factory=factory)
+    assert rel_err(y, reference(x, weight, scales, "ternary")) > 0.1
