@@ -18,6 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tiny_text import CONFIG_Q4, write_qwen3_dense, write_qwen3_mlx4bit, write_tokenizer
+from tiny_vae import write_vae
 
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.packing import GROUP_SIZE, pack_bits
@@ -33,7 +35,7 @@ TINY_CONFIG = {
     "num_single_layers": 2,
     "attention_head_dim": 64,
     "num_attention_heads": 2,
-    "joint_attention_dim": 96,
+    "joint_attention_dim": 192,  # 3 x the tiny text encoder's hidden size
     "timestep_guidance_channels": 256,
     "mlp_ratio": 3.0,
     "axes_dims_rope": [16, 16, 16, 16],
@@ -86,19 +88,41 @@ def affine_pack(w: np.ndarray, variant: str) -> tuple[np.ndarray, ...]:
             dense.reshape(n_out, n_in).astype(np.float32))
 
 
-def _write_common(root: Path, te_dir: str) -> None:
-    (root / "tokenizer").mkdir(parents=True)
-    (root / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}\n')
+# The other components of a tiny model, structurally like the real ones: Qwen3 with 28 layers so
+# the default hidden-state layers (9, 18, 27) exist, and a 4-level VAE (16 pixels per token).
+TEXT_ENCODER_CONFIG = dict(CONFIG_Q4, num_hidden_layers=28)
+VAE_CONFIG = dict(
+    block_out_channels=(8, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    latent_channels=32,
+    norm_num_groups=8,
+    sample_size=64,
+)
+SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
+def _write_common(root: Path, te_dir: str, seed: int = 0) -> None:
+    """Tokenizer, text encoder (4-bit MLX or dense by `te_dir`), VAE and scheduler."""
+    write_tokenizer(root / "tokenizer")
+    if te_dir.endswith("mlx-4bit"):
+        write_qwen3_mlx4bit(root / te_dir, TEXT_ENCODER_CONFIG, seed)
+    else:
+        write_qwen3_dense(root / te_dir, TEXT_ENCODER_CONFIG, seed)
+    write_vae(root / "vae", VAE_CONFIG, seed)
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text('{"shift": 3.0}\n')
-    (root / "vae").mkdir()
-    (root / "vae" / "config.json").write_text('{"latent_channels": 32}\n')
-    _save(root / "vae" / "diffusion_pytorch_model.safetensors",
-          {"decoder.conv_in.weight": np.ones((4, 3, 3, 2), np.float32)}, mx.bfloat16)
-    (root / te_dir).mkdir()
-    (root / te_dir / "config.json").write_text('{"hidden_size": 32}\n')
-    _save(root / te_dir / "model.safetensors", {"embed": np.arange(12, dtype=np.float32)},
-          mx.bfloat16)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
 
 
 def write_prism_transformer(root: Path, cfg: dict, variant: str, seed: int) -> dict:

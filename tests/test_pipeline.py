@@ -1,0 +1,120 @@
+"""End to end: PrismML-layout tiny models through BonsaiPipeline vs diffusers' Klein pipeline."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from tiny_packs import SCHEDULER_CONFIG, TINY_CONFIG, write_prism_transformer
+from tiny_text import reference_qwen3
+from transformers import Qwen2Tokenizer
+
+from mlx_bonsai import BonsaiPipeline
+from mlx_bonsai.errors import BonsaiError
+
+PROMPT = "a bonsai tree on a wooden desk, soft light"
+
+
+@pytest.fixture(scope="module", params=["ternary", "binary"])
+def prism_model(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"prism-{request.param}")
+    encoded = write_prism_transformer(root, TINY_CONFIG, request.param, seed=3)
+    return root, encoded
+
+
+def reference_pipeline(root, encoded) -> Flux2KleinPipeline:
+    """diffusers' pipeline on the dense weights that the pack and the 4-bit encoder encode."""
+    transformer = Flux2Transformer2DModel(
+        **{k: v for k, v in TINY_CONFIG.items() if not k.startswith("_")}
+    )
+    transformer.load_state_dict({k: torch.from_numpy(v) for k, v in encoded.items()})
+    scheduler_config = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        vae=AutoencoderKLFlux2.from_pretrained(root / "vae").eval(),
+        text_encoder=reference_qwen3(root / "text_encoder-mlx-4bit"),
+        tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer"),
+        transformer=transformer.eval(),
+        is_distilled=True,
+    )
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("width,height", [(64, 64), (96, 64)])
+def test_matches_diffusers_pipeline(prism_model, width, height):
+    root, encoded = prism_model
+    noise = np.random.default_rng(7).standard_normal((1, 128, height // 16, width // 16))
+    noise = noise.astype(np.float32)
+
+    ours = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    result = ours(PROMPT, width=width, height=height, steps=4, latents=mx.array(noise))
+    with torch.no_grad():
+        expected = reference_pipeline(root, encoded)(
+            prompt=PROMPT,
+            width=width,
+            height=height,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            latents=torch.from_numpy(noise),
+            output_type="pil",
+        ).images[0]
+    got, want = np.asarray(result.image), np.asarray(expected)
+    assert got.shape == want.shape == (height, width, 3)
+    assert want.std() > 5  # a real picture, not a constant: the comparison means something
+    assert psnr(got, want) >= 40
+
+
+def test_result_and_reuse(prism_model):
+    root, _ = prism_model
+    pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    first = pipe(PROMPT, width=64, height=64, seed=5)
+    again = pipe(PROMPT, width=64, height=64, seed=5)
+    other = pipe(PROMPT, width=64, height=64, seed=6)
+    assert first.seed == 5 and first.image.size == (64, 64)
+    assert set(first.timings) == {"load", "encode", "denoise", "decode"}
+    assert set(first.peak_memory) == set(first.timings)
+    assert again.timings["load"] == 0  # loaded once, reported with the first image
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    assert not np.array_equal(np.asarray(first.image), np.asarray(other.image))
+    assert list(pipe._embeddings) == [PROMPT]  # the prompt was encoded once
+
+
+def test_low_memory_releases_and_reloads(prism_model):
+    root, _ = prism_model
+    pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32", low_memory=True)
+    full = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    a = pipe(PROMPT, width=64, height=64, seed=1)
+    assert pipe._text_encoder is None and pipe._transformer is None
+    b = pipe(PROMPT, width=64, height=64, seed=1)  # transformer reloads, embedding cached
+    c = full(PROMPT, width=64, height=64, seed=1)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    # the tiled decode of low-memory mode stays within a gray level of the untiled one
+    assert np.abs(np.asarray(a.image).astype(int) - np.asarray(c.image).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"width": 100}, "width 100 is not allowed"),
+        ({"height": 8192}, "height 8192 is not allowed"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"latents": np.zeros((1, 128, 2, 2), np.float32)}, "latents have shape (1, 128, 2, 2)"),
+    ],
+)
+def test_bad_requests(prism_model, kwargs, message):
+    root, _ = prism_model
+    pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    args = {"prompt": PROMPT, "width": 64, "height": 64, **kwargs}
+    with pytest.raises(BonsaiError) as err:
+        pipe(**args)
+    assert message in str(err.value)
