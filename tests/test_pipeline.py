@@ -118,3 +118,19 @@ def test_bad_requests(prism_model, kwargs, message):
     with pytest.raises(BonsaiError) as err:
         pipe(**args)
     assert message in str(err.value)
+
+
+def test_converted_model_gives_the_same_image(prism_model, tmp_path):
+    from mlx_bonsai.convert.converter import convert
+
+    root, _ = prism_model
+    converted = convert(str(root), tmp_path / "bonsai")
+    assert (converted / "transformer-bonsai" / "bonsai.json").is_file()
+    images = [
+        BonsaiPipeline.from_pretrained(str(path), dtype="float32")(
+            PROMPT, width=96, height=64, seed=3
+        ).image
+        for path in (root, converted)
+    ]
+    assert np.asarray(images[0]).std() > 5
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
