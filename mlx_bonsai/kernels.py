@@ -4,8 +4,9 @@
 packed weight (docs: format_spec "bonsai-packed v1") and returns [..., N] in x's dtype. It runs
 one of three kernel strategies on the GPU, or the pure-MLX reference:
 
-- "gemv":    few rows of x. Each simdgroup/warp streams 4 weight rows once, decodes them in
-             registers and applies them to up to 4 rows of x per pass (metal/packed_gemv.*).
+- "gemv":    few rows of x. Each threadgroup streams 4 weight rows once (its 4 simdgroups/warps
+             split K), decodes them in registers and applies them to up to 4 rows of x per
+             pass (metal/packed_gemv.*).
 - "gemm":    tiled GEMM that decodes weight tiles into threadgroup/shared memory and multiplies
              with simdgroup matrices (Metal) or tensor cores (CUDA); W is never expanded in device
              memory (metal/packed_gemm.*).
@@ -60,7 +61,7 @@ ENV_VAR = "MLX_BONSAI_KERNELS"
 SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-_GEMV_GROUPS = 4  # simdgroups / warps per threadgroup
+_GEMV_ROWS = 4  # weight rows per GEMV threadgroup (its 4 simdgroups / warps split K)
 _DECODE_THREADS = 256
 
 # Largest M that goes to the GEMV, and smallest M that goes to scratch + MLX matmul (between
@@ -124,8 +125,7 @@ class KernelSet:
 
     @staticmethod
     def gemv_rows(m: int) -> int:
-        """Rows of x per GEMV pass (MR): 1, 2 or 4; also the W rows per simdgroup (ROWS), so
-        that a single x row still spreads over enough simdgroups to keep the GPU busy."""
+        """Rows of x per GEMV pass (MR): 1, 2 or 4."""
         return 1 if m == 1 else 2 if m == 2 else 4
 
     def variant(self, strategy: str, m: int) -> tuple:
@@ -159,9 +159,9 @@ class KernelSet:
         return self._kernel("gemv", ["x", "weight", "scales"], "out")(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
-                      ("MR", mr), ("ROWS", mr)],
-            grid=(math.ceil(n / (mr * _GEMV_GROUPS)) * 32 * _GEMV_GROUPS, math.ceil(m / mr), 1),
-            threadgroup=(32 * _GEMV_GROUPS, 1, 1),
+                      ("MR", mr), ("ROWS", _GEMV_ROWS)],
+            grid=(math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1),
+            threadgroup=(128, 1, 1),
             output_shapes=[(m, n)],
             output_dtypes=[x.dtype],
             init_value=init_value,
