@@ -84,9 +84,9 @@ def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=()):
 def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None,
           extra=((), ()), misaligned=False):
     x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
+    ref = reference(x, weight, scales, kind)
     if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
         x = mx.concatenate([mx.zeros((1,), dtype), x.reshape(-1)])[1:].reshape(m, k)
-    ref = reference(x, weight, scales, kind)
     errs = {}
     for s, fn in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":
