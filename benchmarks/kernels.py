@@ -44,10 +44,11 @@ MS = [1, 64, 1536, 4608]
 TOLERANCE = 1e-2
 GEMV_MAX_M = 64  # the GEMV re-reads W once per 4 rows of x: no use timing it beyond this
 
-SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N, K multiples of 128 but not of 512
-    (1, 200, 384, None), (2, 200, 384, None), (3, 3000, 640, None), (5, 72, 1152, None),
-    (64, 200, 384, None), (70, 200, 384, 2**14), (135, 3000, 640, None), (300, 72, 384, 2**12),
-    (129, 129 * 8, 3072, None),
+SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N (N % 4 != 0: the GEMV's 4-row blocks too),
+    # K multiples of 128 but not of 512
+    (1, 201, 384, None), (2, 202, 384, None), (3, 3001, 640, None), (5, 74, 1152, None),
+    (64, 203, 384, None), (70, 201, 384, 2**14), (135, 3003, 640, None), (300, 74, 384, 2**12),
+    (129, 1035, 3072, None),
 ]
 
 
