@@ -53,8 +53,7 @@ from typing import Any
 import mlx.core as mx
 
 from .errors import BonsaiError, ConfigError, WeightsError
-from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES
-from .quant import unpack_binary, unpack_ternary
+from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
 
 KINDS = ("binary", "ternary")
 STRATEGIES = ("gemv", "gemm", "scratch")
@@ -254,6 +253,25 @@ def _check_inputs(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
         raise WeightsError(f"scales must be float [{n}, {k // GROUP_SIZE}], got {scales.dtype} "
                            f"{tuple(scales.shape)}")
     return n, k
+
+
+def unpack_binary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Binary layout -> dense [out, in] in `dtype`: bit (k % 32) of word k // 32 picks +s or -s."""
+    n_out = weight.shape[0]
+    bits = (weight[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    bits = bits.reshape(n_out, scales.shape[1], GROUP_SIZE).astype(mx.bool_)
+    s = scales.astype(dtype)[..., None]
+    return mx.where(bits, s, -s).reshape(n_out, -1)
+
+
+def unpack_ternary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Ternary layout -> dense [out, in] in `dtype`: 5 base-3 digits t a byte, w = s*(t-1)."""
+    n_out, n_groups = scales.shape
+    powers = mx.array([3**i for i in range(TRITS_PER_BYTE)], dtype=mx.uint8)
+    t = (weight.reshape(n_out, n_groups, TERNARY_GROUP_BYTES, 1) // powers) % 3
+    t = t.reshape(n_out, n_groups, TERNARY_GROUP_BYTES * TRITS_PER_BYTE)[..., :GROUP_SIZE]
+    w = (t.astype(dtype) - 1) * scales.astype(dtype)[..., None]
+    return w.reshape(n_out, -1)
 
 
 def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,

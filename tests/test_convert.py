@@ -16,7 +16,7 @@ from tiny_packs import (
     write_prism_transformer,
 )
 
-from mlx_bonsai import quant
+from mlx_bonsai import kernels, quant
 from mlx_bonsai.convert import convert, converter, sizes
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.convert.sizes import FULL_CONFIG
@@ -34,7 +34,7 @@ def _bits(a: mx.array) -> np.ndarray:
 
 
 def _unpack(out: dict, layer: str, variant: str, dtype: mx.Dtype) -> mx.array:
-    unpack = quant.unpack_binary if variant == "binary" else quant.unpack_ternary
+    unpack = kernels.unpack_binary if variant == "binary" else kernels.unpack_ternary
     return unpack(out[f"{layer}.weight"], out[f"{layer}.scales"], dtype)
 
 
