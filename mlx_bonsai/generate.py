@@ -136,6 +136,9 @@ def run(
     if not seeds:
         seeds = [int.from_bytes(os.urandom(4), "little") >> 1]
     paths = _output_paths(output, seeds, overwrite)
+    for path in paths if metadata else []:
+        if path.with_suffix(".json").exists() and not overwrite:
+            raise UsageError(f"{path.with_suffix('.json')} exists; pass --overwrite to replace it")
 
     say = (lambda *a, **k: None) if quiet else click.echo
     say(f"Loading {model} ...")
