@@ -44,10 +44,11 @@ MS = [1, 64, 1536, 4608]
 TOLERANCE = 1e-2
 GEMV_MAX_M = 64  # the GEMV re-reads W once per 4 rows of x: no use timing it beyond this
 
-SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N, K multiples of 128 but not of 512
-    (1, 200, 384, None), (2, 200, 384, None), (3, 3000, 640, None), (5, 72, 1152, None),
-    (64, 200, 384, None), (70, 200, 384, 2**14), (135, 3000, 640, None), (300, 72, 384, 2**12),
-    (129, 129 * 8, 3072, None),
+SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N (N % 4 != 0: the GEMV's 4-row blocks too),
+    # K multiples of 128 but not of 512
+    (1, 201, 384, None), (2, 202, 384, None), (3, 3001, 640, None), (5, 74, 1152, None),
+    (64, 203, 384, None), (70, 201, 384, 2**14), (135, 3003, 640, None), (300, 74, 384, 2**12),
+    (129, 1035, 3072, None),
 ]
 
 
@@ -63,26 +64,36 @@ def inputs(kind, m, n, k, dtype, scale_dtype, seed):
     return x, weight, scales
 
 
-def candidates(ks, m, dtype, extra_tiles=()):
-    """{label: (KernelSet, strategy)} worth running at m rows; extra_tiles adds GEMM variants
-    with other (BM, WM, WN) tiles, labelled gemm@BMxWMxWN."""
-    out = {s: (ks, s) for s in STRATEGIES
+def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=()):
+    """{label: fn(x, weight, scales, kind, init_value, scratch_bytes)} worth running at m rows.
+
+    extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_scratch_mb
+    scratch variants with another budget (scratch@MB, for m >= 1536 only)."""
+    out = {s: functools.partial(ks.run, s) for s in STRATEGIES
            if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
     for tile in extra_tiles if "gemm" in out else ():
         alt = KernelSet(ks.backend, ks.factory)
         alt.gemm_tile = lambda m, tile=tile: tile
-        out["gemm@" + "x".join(map(str, tile))] = (alt, "gemm")
+        out["gemm@" + "x".join(map(str, tile))] = functools.partial(alt.run, "gemm")
+    for mb in extra_scratch_mb if m >= 1536 else ():
+        def scratch(x, w, s, kind, init_value=None, scratch_bytes=None, mb=mb):
+            return ks.run("scratch", x, w, s, kind, init_value, mb * 2**20)
+        out[f"scratch@{mb}"] = scratch
     return out
 
 
 def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None,
-          extra_tiles=()):
+          extra=((), ()), misaligned=False):
     x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
     ref = reference(x, weight, scales, kind)
+    if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
+        x = mx.concatenate([mx.zeros((1,), dtype), x.reshape(-1)])[1:].reshape(m, k)
     errs = {}
-    for s, (runner, strategy) in candidates(ks, m, dtype, extra_tiles).items():
-        y = runner.run(strategy, x, weight, scales, kind, init_value=math.nan,
-                       scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
+    for s, fn in candidates(ks, m, dtype, *extra).items():
+        if misaligned and s.startswith("scratch") and ks.backend == "cuda":
+            continue  # MLX's CUDA matmul itself rejects such x (cuBLASLt error 15), dense too
+        y = fn(x, weight, scales, kind, init_value=math.nan,
+               scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
         err = relative_error(y, ref)
         errs[s] = err
         if not err <= TOLERANCE:
@@ -90,7 +101,7 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=N
     return errs
 
 
-def run_checks(ks, extra_tiles):
+def run_checks(ks, extra):
     failures, log = [], []
     seed = 100
     for m in MS:
@@ -98,16 +109,17 @@ def run_checks(ks, extra_tiles):
             for kind in KINDS:
                 seed += 1
                 errs = check(ks, failures, kind, m, n, k, mx.bfloat16, mx.bfloat16, seed,
-                             extra_tiles=extra_tiles)
+                             extra=extra)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype="bfloat16", errors=errs))
-    for m, n, k, sb in SWEEP:
+    for i, (m, n, k, sb) in enumerate(SWEEP):
         for dtype in (mx.bfloat16, mx.float16, mx.float32):
             for kind in KINDS:
                 seed += 1
                 scale_dtype = mx.float16 if dtype == mx.float16 else mx.bfloat16
-                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb,
-                             extra_tiles)
-                log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs))
+                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb, extra,
+                             misaligned=i % 2 == 1)
+                log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs,
+                                misaligned=i % 2 == 1))
     # The dispatch: self-checks must pass (a warning is an error here) and answers must match.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -144,27 +156,27 @@ def time_baselines(x, weight, scales, calls):
     """bf16 matmul with the decoded weight, and MLX's quantized_matmul of it at bits 2 and 1."""
     dense = kernels.unpack_binary(weight, scales, mx.bfloat16)
     mx.eval(dense)
-    times = {"bf16": kernels.time_call(lambda: x @ dense.T, calls=calls)}
+    times = {"bf16": kernels.time_call(lambda: x @ dense.T, repeats=7, calls=calls)}
     for bits in (2, 1):
         fn = baseline_quantized(x, dense, bits)
-        times[f"q{bits}"] = kernels.time_call(fn, calls=calls) if fn else None
+        times[f"q{bits}"] = kernels.time_call(fn, repeats=7, calls=calls) if fn else None
     return times
 
 
-def run_timing(ks, extra_tiles):
+def run_timing(ks, extra):
     rows = []
     for m in MS:
         for n, k in NK:
             flop = 2.0 * m * n * k
             x, wb, sb = inputs("binary", m, n, k, mx.bfloat16, mx.bfloat16, 7)
             _, wt, st = inputs("ternary", m, n, k, mx.bfloat16, mx.bfloat16, 8)
-            calls = 10 if flop < 1e11 else 3
+            calls = 50 if flop < 1e10 else 10 if flop < 1e11 else 3
             row = dict(M=m, N=n, K=k, **time_baselines(x, wb, sb, calls))
-            cands = candidates(ks, m, mx.bfloat16, extra_tiles)
+            cands = candidates(ks, m, mx.bfloat16, *extra)
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
-                for label, (runner, strat) in cands.items():
+                for label, fn in cands.items():
                     row[f"{kind}_{label}"] = kernels.time_call(
-                        functools.partial(runner.run, strat, x, w, s, kind), calls=calls)
+                        functools.partial(fn, x, w, s, kind), repeats=7, calls=calls)
             row["auto"] = kernels.choose_strategy(ks.backend, "binary", m, n, k, mx.bfloat16)
             rows.append(row)
             best = min(row[f"binary_{label}"] for label in cands)
@@ -218,10 +230,13 @@ def main() -> int:
     p.add_argument("--profile", nargs=5, metavar=("STRATEGY", "KIND", "M", "N", "K"))
     p.add_argument("--gemm-tile", action="append", default=[], metavar="BM,WM,WN",
                    help="also check and time the GEMM with this tile")
+    p.add_argument("--scratch-mb", type=int, nargs="+", default=[],
+                   help="also time scratch with these budgets (MiB) at M >= 1536")
     p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
     p.add_argument("--no-check", action="store_true", help="timing only")
     args = p.parse_args()
     extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
+    extra = (extra_tiles, args.scratch_mb)
     backend = kernels._device_backend()
     if backend is None:
         print("benchmarks/kernels.py needs MLX on a Metal or CUDA GPU", file=sys.stderr)
@@ -232,17 +247,18 @@ def main() -> int:
     print(json.dumps(info, default=str))
     if args.profile:
         label, kind, m, n, k = args.profile
-        runner, strat = candidates(ks, int(m), mx.bfloat16, extra_tiles)[label]
+        fn = candidates(ks, int(m), mx.bfloat16, *extra)[label]
         x, w, s = inputs(kind, int(m), int(n), int(k), mx.bfloat16, mx.bfloat16, 3)
         for _ in range(3):
-            mx.eval(runner.run(strat, x, w, s, kind))
+            mx.eval(fn(x, w, s, kind))
         return 0
     if args.m:
         MS[:] = args.m
-    failures, check_log = ([], []) if args.no_check else run_checks(ks, extra_tiles)
-    rows = [] if args.check_only else run_timing(ks, extra_tiles)
+    failures, check_log = ([], []) if args.no_check else run_checks(ks, extra)
+    rows = [] if args.check_only else run_timing(ks, extra)
     if rows:
-        labels = list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
+        labels = (list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
+                  + [f"scratch@{mb}" for mb in args.scratch_mb])
         print_table(rows, labels)
     if args.json:
         with open(args.json, "w") as f:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlx_bonsai.weights import require
+from mlx.utils import tree_flatten
+
+from mlx_bonsai.transformer import Transformer, TransformerConfig
 
 DOUBLE_BLOCK_PACKED = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -19,61 +21,15 @@ DOUBLE_BLOCK_PACKED = (
 )
 SINGLE_BLOCK_PACKED = ("attn.to_qkv_mlp_proj", "attn.to_out")
 
-REQUIRED_FIELDS = (
-    "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
-    "joint_attention_dim", "in_channels",
-)
-
 
 def transformer_shapes(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every transformer tensor, in diffusers' order (Linear weights [out, in]).
+    """Name -> shape of every transformer tensor (Linear weights [out, in]), read off the MLX
+    model that the config builds, so the converter and the loader cannot disagree.
 
-    Optional fields take diffusers' defaults (out_channels = in_channels, patch_size 1,
-    mlp_ratio 3, timestep_guidance_channels 256, guidance_embeds true).
+    Building the model allocates nothing: its initial weights are lazy and never evaluated.
     """
-    require(config, REQUIRED_FIELDS, where)
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    head = config["attention_head_dim"]
-    hidden = int(d * config.get("mlp_ratio", 3.0))
-    channels = config.get("timestep_guidance_channels", 256)
-    patch = config.get("patch_size", 1)
-    out_channels = config.get("out_channels") or config["in_channels"]
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    embedders = ["timestep_embedder"]
-    if config.get("guidance_embeds", True):
-        embedders.append("guidance_embedder")
-    for e in embedders:
-        shapes[f"time_guidance_embed.{e}.linear_1.weight"] = (d, channels)
-        shapes[f"time_guidance_embed.{e}.linear_2.weight"] = (d, d)
-    shapes["double_stream_modulation_img.linear.weight"] = (6 * d, d)
-    shapes["double_stream_modulation_txt.linear.weight"] = (6 * d, d)
-    shapes["single_stream_modulation.linear.weight"] = (3 * d, d)
-    shapes["x_embedder.weight"] = (d, config["in_channels"])
-    shapes["context_embedder.weight"] = (d, config["joint_attention_dim"])
-    for i in range(config["num_layers"]):
-        p = f"transformer_blocks.{i}"
-        for name in ("to_q", "to_k", "to_v"):
-            shapes[f"{p}.attn.{name}.weight"] = (d, d)
-        shapes[f"{p}.attn.norm_q.weight"] = (head,)
-        shapes[f"{p}.attn.norm_k.weight"] = (head,)
-        shapes[f"{p}.attn.to_out.0.weight"] = (d, d)
-        shapes[f"{p}.attn.norm_added_q.weight"] = (head,)
-        shapes[f"{p}.attn.norm_added_k.weight"] = (head,)
-        for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-            shapes[f"{p}.attn.{name}.weight"] = (d, d)
-        for ff in ("ff", "ff_context"):
-            shapes[f"{p}.{ff}.linear_in.weight"] = (2 * hidden, d)
-            shapes[f"{p}.{ff}.linear_out.weight"] = (d, hidden)
-    for i in range(config["num_single_layers"]):
-        p = f"single_transformer_blocks.{i}.attn"
-        shapes[f"{p}.to_qkv_mlp_proj.weight"] = (3 * d + 2 * hidden, d)
-        shapes[f"{p}.norm_q.weight"] = (head,)
-        shapes[f"{p}.norm_k.weight"] = (head,)
-        shapes[f"{p}.to_out.weight"] = (d, d + hidden)
-    shapes["norm_out.linear.weight"] = (2 * d, d)
-    shapes["proj_out.weight"] = (patch * patch * out_channels, d)
-    return shapes
+    model = Transformer(TransformerConfig.from_dict(config, where))
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 def packed_layers(config: dict[str, Any]) -> list[str]:

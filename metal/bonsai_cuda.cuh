@@ -45,6 +45,50 @@ __device__ __forceinline__ void bonsai_store16<float>(
   }
 }
 
+// out[0..16) = float(src[0..16)); 16-byte loads when `vec` (src then 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void bonsai_load16(const T* src, float* out, bool vec) {
+  if (vec) {
+    const uint4* p = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const uint4 v = p[q];
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const T* pair = reinterpret_cast<const T*>(&w[e]);
+        out[8 * q + 2 * e] = float(pair[0]);
+        out[8 * q + 2 * e + 1] = float(pair[1]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      out[j] = float(src[j]);
+    }
+  }
+}
+
+template <>
+__device__ __forceinline__ void bonsai_load16<float>(const float* src, float* out, bool vec) {
+  if (vec) {
+    const float4* p = reinterpret_cast<const float4*>(src);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 v = p[q];
+      out[4 * q] = v.x;
+      out[4 * q + 1] = v.y;
+      out[4 * q + 2] = v.z;
+      out[4 * q + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      out[j] = src[j];
+    }
+  }
+}
+
 // Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8.
 __device__ __forceinline__ void bonsai_ldmatrix_x4(uint32_t* r, const void* smem_row) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));

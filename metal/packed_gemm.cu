@@ -33,8 +33,11 @@ const int wn = warp % WN;
 const int m0 = blockIdx.y * BM;
 const int n0 = blockIdx.x * BN;
 
-// Run r of thread t: tile row t/2 + r*THREADS/2, columns (t%2)*16 .. +16 of the K-step.
+// Run r of thread t: tile row t/2 + r*THREADS/2; W columns (t%2)*16 .. +16 of the K-step, x
+// columns (t%2)*8 .. +8 and 16 + (t%2)*8 .. +8, so that each thread pair reads whole 32-byte
+// sectors of x.
 const int lcol = (tid % 2) * 16;
+const int xcol = (tid % 2) * 8;
 // Rows of x start 16-byte aligned when x does (K % 128 == 0); otherwise load element-wise.
 const bool x_vec = (reinterpret_cast<uintptr_t>(x) % 16) == 0;
 
@@ -62,19 +65,20 @@ auto load = [&](int k0) {
 #pragma unroll
   for (int r = 0; r < RUNS; ++r) {
     const int row = tid / 2 + r * (THREADS / 2);
-    const T* xrow = x + size_t(m0 + row) * size_t(K) + size_t(k);
+    const T* xrow = x + size_t(m0 + row) * size_t(K) + size_t(k0);
     if (m0 + row >= M) {
       xv[r][0] = make_uint4(0, 0, 0, 0);
       xv[r][1] = make_uint4(0, 0, 0, 0);
     } else if (x_vec) {
-      xv[r][0] = *reinterpret_cast<const uint4*>(xrow);
-      xv[r][1] = *reinterpret_cast<const uint4*>(xrow + 8);
+      xv[r][0] = *reinterpret_cast<const uint4*>(xrow + xcol);
+      xv[r][1] = *reinterpret_cast<const uint4*>(xrow + xcol + 16);
     } else {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(xrow);
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(xrow + xcol);
       uint32_t w[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        w[j] = uint32_t(p[2 * j]) | (uint32_t(p[2 * j + 1]) << 16);
+        const int c = (j % 4) * 2 + (j / 4) * 16;
+        w[j] = uint32_t(p[c]) | (uint32_t(p[c + 1]) << 16);
       }
       xv[r][0] = make_uint4(w[0], w[1], w[2], w[3]);
       xv[r][1] = make_uint4(w[4], w[5], w[6], w[7]);
@@ -103,9 +107,8 @@ auto store = [&](int buf) {
     const BonsaiCodes16 codes = TERNARY
         ? bonsai_ternary_codes16(raw[r], bonsai_ternary_digit(staged_k))
         : bonsai_binary_codes16(raw[r]);
-    uint4* xdst = reinterpret_cast<uint4*>(&xs[buf][row * LDK + lcol]);
-    xdst[0] = xv[r][0];
-    xdst[1] = xv[r][1];
+    *reinterpret_cast<uint4*>(&xs[buf][row * LDK + xcol]) = xv[r][0];
+    *reinterpret_cast<uint4*>(&xs[buf][row * LDK + xcol + 16]) = xv[r][1];
     bonsai_store16<T>(&ws[buf][row * LDK + lcol], codes, scale[r]);
   }
 };

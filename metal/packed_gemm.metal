@@ -40,8 +40,10 @@ const int sn = sg % WN;
 const int m0 = int(threadgroup_position_in_grid.y) * BM;
 const int n0 = int(threadgroup_position_in_grid.x) * BN;
 
-// Run r of thread t: tile row t/2 + r*THREADS/2, columns (t%2)*16 .. +16 of the K-step.
+// Run r of thread t: tile row t/2 + r*THREADS/2; W columns (t%2)*16 .. +16 of the K-step, x
+// columns (t%2)*8 .. +8 and 16 + (t%2)*8 .. +8 (thread pairs read whole 32-byte sectors of x).
 const int lcol = (tid % 2) * 16;
+const int xcol = (tid % 2) * 8;
 
 simdgroup_matrix<float, 8, 8> acc[TM][TN];
 for (int i = 0; i < TM; ++i) {
@@ -60,9 +62,9 @@ for (int k0 = 0; k0 < K; k0 += BK) {
   for (int r = 0; r < RUNS; ++r) {
     const int row = tid / 2 + r * (THREADS / 2);
     const bool x_ok = m0 + row < M;
-    const size_t xbase = size_t(x_ok ? m0 + row : 0) * size_t(K) + size_t(k);
+    const size_t xbase = size_t(x_ok ? m0 + row : 0) * size_t(K) + size_t(k0 + xcol);
     for (int j = 0; j < 16; ++j) {
-      xr[r][j] = x_ok ? float(x[xbase + size_t(j)]) : 0.0f;
+      xr[r][j] = x_ok ? float(x[xbase + size_t(j % 8 + (j / 8) * 16)]) : 0.0f;
     }
     const int n = n0 + row;
     uint32_t raw = 0;
@@ -87,7 +89,7 @@ for (int k0 = 0; k0 < K; k0 += BK) {
   for (int r = 0; r < RUNS; ++r) {
     const int row = tid / 2 + r * (THREADS / 2);
     for (int j = 0; j < 16; ++j) {
-      xs[row * LDK + lcol + j] = xr[r][j];
+      xs[row * LDK + xcol + j % 8 + (j / 8) * 16] = xr[r][j];
       ws[row * LDK + lcol + j] = codes[r].c[j] * scale[r];
     }
   }

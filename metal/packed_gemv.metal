@@ -3,21 +3,26 @@
 //   inputs  x [M, K] (T), weight (uint32 binary | uint8 ternary), scales [N, K/128] (S),
 //           and x_shape / weight_shape (used below)
 //   output  out [M, N] (T)
-//   template T, S, TERNARY (bool), MR (x rows per pass), ROWS (W rows per simdgroup)
-//   grid (ceil(N / (4*ROWS)) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
+//   template T, S, TERNARY (bool), MR (x rows per pass), ROWS (W rows per threadgroup)
+//   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 // Twin: packed_gemv.cu.
 //
-// Each simdgroup owns ROWS output columns and streams those W rows once: lane l takes the runs of
-// 16 inputs u = l, l + 32, ..., decodes each run in registers (bonsai_decode.h) and applies it to
-// MR rows of x at once; per (column, x row) the lanes' partial sums meet in simd_sum. Columns past
-// N and x rows past M are neither read nor written.
+// A threadgroup of 4 simdgroups owns ROWS output columns and streams those W rows once. K is
+// split over the 128 threads: thread t takes the runs of 16 inputs t, t + 128, ..., decodes each
+// run in registers (bonsai_decode.h) for the ROWS rows and applies it to MR rows of x, so every x
+// value loaded serves ROWS columns. Partial sums meet in simd_sum, then across the 4 simdgroups in
+// threadgroup memory. Columns past N and x rows past M are neither read nor written.
+
+threadgroup float partial[4 * ROWS * MR];
 
 const int M = x_shape[0];
 const int K = x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
+const int tid = int(thread_index_in_threadgroup);
+const int sg = int(simdgroup_index_in_threadgroup);
 const int lane = int(thread_index_in_simdgroup);
-const int n0 = (int(threadgroup_position_in_grid.x) * 4 + int(simdgroup_index_in_threadgroup)) * ROWS;
+const int n0 = int(threadgroup_position_in_grid.x) * ROWS;
 const int m0 = int(threadgroup_position_in_grid.y) * MR;
 
 float acc[ROWS][MR];
@@ -27,7 +32,7 @@ for (int r = 0; r < ROWS; ++r) {
   }
 }
 
-for (int k = lane * 16; k < K; k += 32 * 16) {
+for (int k = tid * 16; k < K; k += 128 * 16) {
   float xv[MR][16];
   for (int m = 0; m < MR; ++m) {
     const bool ok = m0 + m < M;
@@ -65,9 +70,18 @@ for (int k = lane * 16; k < K; k += 32 * 16) {
 for (int r = 0; r < ROWS; ++r) {
   for (int m = 0; m < MR; ++m) {
     const float total = simd_sum(acc[r][m]);
-    const int n = n0 + r;
-    if (lane == r * MR + m && n < N && m0 + m < M) {
-      out[size_t(m0 + m) * size_t(N) + size_t(n)] = T(total);
+    if (lane == 0) {
+      partial[sg * ROWS * MR + r * MR + m] = total;
     }
+  }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (tid < ROWS * MR) {
+  const int n = n0 + tid / MR;
+  const int m = m0 + tid % MR;
+  if (n < N && m < M) {
+    const float total = partial[tid] + partial[ROWS * MR + tid] + partial[2 * ROWS * MR + tid] +
+                        partial[3 * ROWS * MR + tid];
+    out[size_t(m) * size_t(N) + size_t(n)] = T(total);
   }
 }

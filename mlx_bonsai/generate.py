@@ -96,40 +96,10 @@ def _memory_table(result: GenerationResult) -> str:
 @click.option("--metadata", is_flag=True, help="Write a JSON sidecar next to each image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(__version__, prog_name="mlx_bonsai")
-def main(
-    prompt,
-    prompt_file,
-    model,
-    seed,
-    steps,
-    width,
-    height,
-    output,
-    overwrite,
-    dtype,
-    low_memory,
-    profile_memory,
-    metadata,
-    quiet,
-) -> None:
+def main(**options) -> None:
     """Generate images with Bonsai Image 4B on MLX."""
     try:
-        run(
-            prompt,
-            prompt_file,
-            model,
-            list(seed),
-            steps,
-            width,
-            height,
-            output,
-            overwrite,
-            dtype,
-            low_memory,
-            profile_memory,
-            metadata,
-            quiet,
-        )
+        run(**options)
     except BonsaiError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -139,21 +109,24 @@ def main(
 
 
 def run(
-    prompt,
-    prompt_file,
-    model,
-    seeds,
-    steps,
-    width,
-    height,
-    output,
-    overwrite,
-    dtype,
-    low_memory,
-    profile_memory,
-    metadata,
-    quiet,
+    *,
+    prompt: str | None,
+    prompt_file: Path | None,
+    model: str,
+    seed: tuple[int, ...],
+    steps: int,
+    width: int,
+    height: int,
+    output: str | None,
+    overwrite: bool,
+    dtype: str,
+    low_memory: bool,
+    profile_memory: bool,
+    metadata: bool,
+    quiet: bool,
 ) -> None:
+    """The command's work; every bad input raises a BonsaiError that `main` prints."""
+    seeds = list(seed)
     prompt = _read_prompt(prompt, prompt_file)
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
@@ -163,6 +136,9 @@ def run(
     if not seeds:
         seeds = [int.from_bytes(os.urandom(4), "little") >> 1]
     paths = _output_paths(output, seeds, overwrite)
+    for path in paths if metadata else []:
+        if path.with_suffix(".json").exists() and not overwrite:
+            raise UsageError(f"{path.with_suffix('.json')} exists; pass --overwrite to replace it")
 
     say = (lambda *a, **k: None) if quiet else click.echo
     say(f"Loading {model} ...")

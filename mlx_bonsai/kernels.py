@@ -4,13 +4,14 @@
 packed weight (docs: format_spec "bonsai-packed v1") and returns [..., N] in x's dtype. It runs
 one of three kernel strategies on the GPU, or the pure-MLX reference:
 
-- "gemv":    few rows of x. Each simdgroup/warp streams 4 weight rows once, decodes them in
-             registers and applies them to up to 4 rows of x per pass (metal/packed_gemv.*).
+- "gemv":    few rows of x. Each threadgroup streams 4 weight rows once (its 4 simdgroups/warps
+             split K), decodes them in registers and applies them to up to 4 rows of x per
+             pass (metal/packed_gemv.*).
 - "gemm":    tiled GEMM that decodes weight tiles into threadgroup/shared memory and multiplies
              with simdgroup matrices (Metal) or tensor cores (CUDA); W is never expanded in device
              memory (metal/packed_gemm.*).
-- "scratch": decode W into a dense scratch of at most SCRATCH_BYTES (chunked over N) and use
-             MLX's own matmul (metal/packed_decode.*).
+- "scratch": decode W into a dense scratch of at most ~32 MiB (chunked over N, outputs
+             concatenated) and use MLX's own matmul (metal/packed_decode.*).
 - "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
              (MLX_BONSAI_KERNELS=reference) and the fallback.
 
@@ -20,7 +21,9 @@ are unmeasured defaults, as no Apple GPU was available). On the first use of eac
 in a process, a self-check compares it with the reference on random data; a kernel that fails
 (wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from then on.
 
-Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | scratch.
+Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | scratch;
+MLX_BONSAI_SCRATCH_MB = the scratch budget (default 32; on an H100, 128 brings M = 4608 from
+1.3-1.6x to 1.03-1.13x of a bf16 matmul at these shapes, see BENCHMARKS.md).
 
 Harness contract (running the Metal sources without a Mac): every Metal kernel is created by
 `factory(name=, input_names=, output_names=, source=, header=, ensure_row_contiguous=,
@@ -50,24 +53,25 @@ from typing import Any
 import mlx.core as mx
 
 from .errors import BonsaiError, ConfigError, WeightsError
-from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES
-from .quant import unpack_binary, unpack_ternary
+from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
 
 KINDS = ("binary", "ternary")
 STRATEGIES = ("gemv", "gemm", "scratch")
-SCRATCH_BYTES = 32 * 2**20
+SCRATCH_BYTES = 32 * 2**20  # default; MLX_BONSAI_SCRATCH_MB overrides
 ENV_VAR = "MLX_BONSAI_KERNELS"
+SCRATCH_ENV_VAR = "MLX_BONSAI_SCRATCH_MB"
 SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-_GEMV_GROUPS = 4  # simdgroups / warps per threadgroup
+_GEMV_ROWS = 4  # weight rows per GEMV threadgroup (its 4 simdgroups / warps split K)
 _DECODE_THREADS = 256
 
 # Largest M that goes to the GEMV, and smallest M that goes to scratch + MLX matmul (between
-# them: the fused GEMM), per backend. CUDA: measured on an H100 (BENCHMARKS.md). Metal: not
-# measured (no Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs
-# about one weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
-_THRESHOLDS = {"metal": (4, 512), "cuda": (4, 256)}
+# them: the fused GEMM), per backend. CUDA: measured on an H100 (BENCHMARKS.md: the GEMV wins up
+# to M = 4, the GEMM up to M = 512, scratch from M = 1024). Metal: not measured (no Apple GPU
+# here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one weight write,
+# so large M goes to scratch; call tune() on the Mac to measure instead.
+_THRESHOLDS = {"metal": (4, 512), "cuda": (4, 1024)}
 _TUNED: dict[tuple, str] = {}
 
 
@@ -117,15 +121,15 @@ class KernelSet:
         return not (self.backend == "cuda" and strategy == "gemm" and dtype == mx.float32)
 
     def gemm_tile(self, m: int) -> tuple[int, int, int]:
-        """(BM = BN, WM, WN) of the GEMM launch for m rows."""
+        """(BM = BN, WM, WN) of the GEMM launch for m rows. On CUDA, past 64 rows, 128 x 128
+        tiles with 64 x 64 per warp (measured 10-15% faster than 64 x 32 per warp on an H100)."""
         if self.backend == "cuda" and m > 64:
-            return 128, 2, 4
+            return 128, 2, 2
         return 64, 2, 2
 
     @staticmethod
     def gemv_rows(m: int) -> int:
-        """Rows of x per GEMV pass (MR): 1, 2 or 4; also the W rows per simdgroup (ROWS), so
-        that a single x row still spreads over enough simdgroups to keep the GPU busy."""
+        """Rows of x per GEMV pass (MR): 1, 2 or 4."""
         return 1 if m == 1 else 2 if m == 2 else 4
 
     def variant(self, strategy: str, m: int) -> tuple:
@@ -159,9 +163,9 @@ class KernelSet:
         return self._kernel("gemv", ["x", "weight", "scales"], "out")(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
-                      ("MR", mr), ("ROWS", mr)],
-            grid=(math.ceil(n / (mr * _GEMV_GROUPS)) * 32 * _GEMV_GROUPS, math.ceil(m / mr), 1),
-            threadgroup=(32 * _GEMV_GROUPS, 1, 1),
+                      ("MR", mr), ("ROWS", _GEMV_ROWS)],
+            grid=(math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1),
+            threadgroup=(128, 1, 1),
             output_shapes=[(m, n)],
             output_dtypes=[x.dtype],
             init_value=init_value,
@@ -251,6 +255,25 @@ def _check_inputs(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     return n, k
 
 
+def unpack_binary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Binary layout -> dense [out, in] in `dtype`: bit (k % 32) of word k // 32 picks +s or -s."""
+    n_out = weight.shape[0]
+    bits = (weight[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    bits = bits.reshape(n_out, scales.shape[1], GROUP_SIZE).astype(mx.bool_)
+    s = scales.astype(dtype)[..., None]
+    return mx.where(bits, s, -s).reshape(n_out, -1)
+
+
+def unpack_ternary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Ternary layout -> dense [out, in] in `dtype`: 5 base-3 digits t a byte, w = s*(t-1)."""
+    n_out, n_groups = scales.shape
+    powers = mx.array([3**i for i in range(TRITS_PER_BYTE)], dtype=mx.uint8)
+    t = (weight.reshape(n_out, n_groups, TERNARY_GROUP_BYTES, 1) // powers) % 3
+    t = t.reshape(n_out, n_groups, TERNARY_GROUP_BYTES * TRITS_PER_BYTE)[..., :GROUP_SIZE]
+    w = (t.astype(dtype) - 1) * scales.astype(dtype)[..., None]
+    return w.reshape(n_out, -1)
+
+
 def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
                      group_size: int = GROUP_SIZE) -> mx.array:
     """The pure-MLX path: unpack W to dense in x's dtype, then x @ W^T."""
@@ -292,6 +315,15 @@ def _mode() -> str:
     return mode
 
 
+def _scratch_bytes() -> int:
+    value = os.environ.get(SCRATCH_ENV_VAR, "").strip()
+    if not value:
+        return SCRATCH_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{SCRATCH_ENV_VAR}={value!r}: give the scratch budget in MiB, e.g. 32")
+    return int(value) * 2**20
+
+
 def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
                  group_size: int, strategy: str | None, factory: Callable[..., Any] | None,
                  init_value: float | None) -> mx.array:
@@ -301,7 +333,7 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
     strategy = strategy or choose_strategy(backend, kind, x2.shape[0], n, k, x.dtype)
     if not ks.supports(strategy, x.dtype):
         raise BonsaiError(f"the {backend} {strategy} kernel does not take {x.dtype} activations")
-    y = ks.run(strategy, x2, weight, scales, kind, init_value)
+    y = ks.run(strategy, x2, weight, scales, kind, init_value, _scratch_bytes())
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -356,15 +388,16 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m))
     if key in _CHECKED:
         return _CHECKED[key]
-    # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N,
-    # K = 3 groups (not a multiple of the GEMV's 512-wide lane sweep), several scratch chunks.
+    # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N
+    # (202: not a multiple of the GEMV's 4 or the GEMM's 64 rows), K = 3 groups (not a multiple
+    # of the GEMV's 2048-wide sweep), several scratch chunks.
     if strategy == "gemv":
         rows = 2 * ks.gemv_rows(m) - 1
     elif strategy == "gemm":
         rows = ks.gemm_tile(m)[0] + 7
     else:
         rows = 5
-    n, k = 200, 3 * GROUP_SIZE
+    n, k = 202, 3 * GROUP_SIZE
     kx, kw = mx.random.split(mx.random.key(1))
     x = mx.random.normal((rows, k), key=kx).astype(dtype)
     weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
@@ -400,17 +433,18 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     backend = _device_backend()
     if mode == "reference" or backend is None:
         return reference_matmul(x, weight, scales, kind)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    ks = kernel_set(backend)
-    strategy = strategy or (mode if mode != "auto" else None)
+    m = math.prod(x.shape[:-1])
+    strategy = strategy or (None if mode == "auto" else mode)
     strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
+    if strategy not in STRATEGIES:
+        raise BonsaiError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    ks = kernel_set(backend)
     if not ks.supports(strategy, x.dtype):
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
     if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m):
         return reference_matmul(x, weight, scales, kind)
-    return ks.run(strategy, x2, weight, scales, kind).reshape(*x.shape[:-1], n)
+    return _run_backend(backend, x, weight, scales, kind, group_size, strategy, None, None)
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,
@@ -447,8 +481,8 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
         for strategy in STRATEGIES:
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
                                                             scale_dtype, m):
-                timings[strategy] = time_call(
-                    functools.partial(ks.run, strategy, x, weight, scales, kind))
+                timings[strategy] = time_call(functools.partial(
+                    ks.run, strategy, x, weight, scales, kind, scratch_bytes=_scratch_bytes()))
         if timings:
             _TUNED[(backend, kind, dtype, m, n, k)] = min(timings, key=timings.get)
         results[(m, n, k)] = timings

@@ -23,8 +23,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .errors import WeightsError
-from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
+from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES
 
 STORAGES = ("dense", "affine", "binary", "ternary")
 AFFINE_BITS = (1, 2, 4, 8)
@@ -90,31 +91,10 @@ class Linear(nn.Module):
         return packed_matmul(x, self)
 
 
-def unpack_binary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
-    """Binary layout -> dense [out, in] in `dtype`: bit (k % 32) of word k // 32 picks +s or -s."""
-    n_out = weight.shape[0]
-    bits = (weight[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1
-    bits = bits.reshape(n_out, scales.shape[1], GROUP_SIZE).astype(mx.bool_)
-    s = scales.astype(dtype)[..., None]
-    return mx.where(bits, s, -s).reshape(n_out, -1)
-
-
-def unpack_ternary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
-    """Ternary layout -> dense [out, in] in `dtype`: 5 base-3 digits t a byte, w = s*(t-1)."""
-    n_out, n_groups = scales.shape
-    powers = mx.array([3**i for i in range(TRITS_PER_BYTE)], dtype=mx.uint8)
-    t = (weight.reshape(n_out, n_groups, TERNARY_GROUP_BYTES, 1) // powers) % 3
-    t = t.reshape(n_out, n_groups, TERNARY_GROUP_BYTES * TRITS_PER_BYTE)[..., :GROUP_SIZE]
-    w = (t.astype(dtype) - 1) * scales.astype(dtype)[..., None]
-    return w.reshape(n_out, -1)
-
-
 def packed_matmul(x: mx.array, layer: Linear) -> mx.array:
-    """x @ W^T for a non-dense `layer`, in x's dtype.
-
-    The binary/ternary path is the reference (unpack the whole weight, then matmul); a fast
-    kernel replaces it here and nowhere else.
-    """
+    """x @ W^T for a non-dense `layer`, in x's dtype: stock `mx.quantized_matmul` for affine
+    layers, `kernels.packed_matmul` (Metal / CUDA kernels, or the pure-MLX reference) for
+    bonsai-packed ones."""
     if layer.storage == "affine":
         dtype = x.dtype if affine_accumulates_in_float(x.dtype) else mx.float32
         y = mx.quantized_matmul(
@@ -123,8 +103,7 @@ def packed_matmul(x: mx.array, layer: Linear) -> mx.array:
             bits=layer.bits,
         )
         return y.astype(x.dtype)
-    unpack = unpack_binary if layer.storage == "binary" else unpack_ternary
-    return x @ unpack(layer.weight, layer.scales, x.dtype).T
+    return kernels.packed_matmul(x, layer.weight, layer.scales, layer.storage, layer.group_size)
 
 
 @functools.cache

@@ -117,6 +117,13 @@ def test_existing_output_needs_overwrite(model, tmp_path):
     assert (tmp_path / "taken.png").read_bytes() == b"keep me"
 
 
+def test_existing_sidecar_needs_overwrite(model, tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    result = cli("-p", "a fox", "-m", str(model), "--output", str(tmp_path / "x.png"), "--metadata")
+    assert_one_line_error(result, "x.json exists; pass --overwrite")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_truncated_weights_are_named(model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)

@@ -157,6 +157,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     monkeypatch.setattr(kernels, "_CHECKED", {})
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.delenv(kernels.SCRATCH_ENV_VAR, raising=False)
 
     def install(answer):
         factory = FakeFactory(answer)
@@ -247,6 +248,27 @@ def test_env_var_forces_the_reference_or_a_strategy(fake_gpu, monkeypatch):
     assert factory.built == ["bonsai_gemm"]
     monkeypatch.setenv(kernels.ENV_VAR, "fastest")
     with pytest.raises(ConfigError, match=kernels.ENV_VAR):
+        kernels.packed_matmul(x, weight, scales, "binary")
+    monkeypatch.delenv(kernels.ENV_VAR)
+    with pytest.raises(BonsaiError, match="strategy"):
+        kernels.packed_matmul(x, weight, scales, "binary", strategy="fastest")
+
+
+def test_scratch_budget_env_var(fake_gpu, monkeypatch):
+    factory = fake_gpu(correct_answer)
+    weight, scales = kernels.random_packed("binary", 3000, K)
+    x = mx.random.normal((600, K)).astype(mx.bfloat16)
+    monkeypatch.setenv(kernels.SCRATCH_ENV_VAR, "1")
+    kernels.packed_matmul(x, weight, scales, "binary")  # self-check, then the call
+    n = len(factory.launches)
+    y = kernels.packed_matmul(x, weight, scales, "binary")
+    # 1 MiB holds 1365 bf16 rows of K = 384: balanced chunks of 1024 rows.
+    assert [launch[2][0] for launch in factory.launches[n:]] == [1024 * K // 16] * 2 + [
+        952 * K // 16]
+    ref = kernels.reference_matmul(x, weight, scales, "binary")
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    monkeypatch.setenv(kernels.SCRATCH_ENV_VAR, "lots")
+    with pytest.raises(ConfigError, match=kernels.SCRATCH_ENV_VAR):
         kernels.packed_matmul(x, weight, scales, "binary")
 
 

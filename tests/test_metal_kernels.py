@@ -22,9 +22,9 @@ if platform.system() != "Linux":
     pytest.skip("the MSL harness is the Linux CI stand-in for Metal", allow_module_level=True)
 assert have_compiler(), "the MSL harness needs g++ (C++20); install it to run these tests"
 
-# K = 3 groups: a multiple of 128 but not of the GEMV's 512-wide lane sweep. N = 200: not a
-# multiple of the GEMM tile (64) or of the GEMV's 16 rows per threadgroup.
-N, K = 200, 3 * 128
+# K = 3 groups: a multiple of 128 but not of the GEMV's 2048-wide sweep. N = 198: not a
+# multiple of the GEMM tile (64) or of the GEMV's 4 rows per threadgroup.
+N, K = 198, 3 * 128
 # Rows of x per strategy: GEMV passes of 1, 2 and 4 rows (3 = one partial pass of 4), GEMM one
 # full 64-row tile plus a partial one; scratch any.
 ROWS = {"gemv": (1, 2, 3), "gemm": (71,), "scratch": (5,)}

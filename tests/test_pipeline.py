@@ -10,7 +10,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
-from tiny_packs import SCHEDULER_CONFIG, TINY_CONFIG, write_prism_transformer
+from tiny_packs import SCHEDULER_CONFIG, TINY_CONFIG, write_dense_klein, write_prism_transformer
 from tiny_text import reference_qwen3
 from transformers import Qwen2Tokenizer
 
@@ -27,7 +27,7 @@ def prism_model(request, tmp_path_factory):
     return root, encoded
 
 
-def reference_pipeline(root, encoded) -> Flux2KleinPipeline:
+def reference_pipeline(root, encoded, te_dir="text_encoder-mlx-4bit") -> Flux2KleinPipeline:
     """diffusers' pipeline on the dense weights that the pack and the 4-bit encoder encode."""
     transformer = Flux2Transformer2DModel(
         **{k: v for k, v in TINY_CONFIG.items() if not k.startswith("_")}
@@ -37,7 +37,7 @@ def reference_pipeline(root, encoded) -> Flux2KleinPipeline:
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
         vae=AutoencoderKLFlux2.from_pretrained(root / "vae").eval(),
-        text_encoder=reference_qwen3(root / "text_encoder-mlx-4bit"),
+        text_encoder=reference_qwen3(root / te_dir),
         tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer"),
         transformer=transformer.eval(),
         is_distilled=True,
@@ -71,6 +71,27 @@ def test_matches_diffusers_pipeline(prism_model, width, height):
     assert got.shape == want.shape == (height, width, 3)
     assert want.std() > 5  # a real picture, not a constant: the comparison means something
     assert psnr(got, want) >= 40
+
+
+def test_dense_diffusers_layout_matches_diffusers(tmp_path):
+    """A dense klein directory (transformer in shards, dense Qwen3) is the reference twin."""
+    written = write_dense_klein(tmp_path, TINY_CONFIG, seed=5, dtype=mx.float32)
+    noise = np.random.default_rng(8).standard_normal((1, 128, 4, 4)).astype(np.float32)
+    ours = BonsaiPipeline.from_pretrained(str(tmp_path), dtype="float32")
+    assert ours._transformer.x_embedder.storage == "dense"
+    got = ours(PROMPT, width=64, height=64, latents=mx.array(noise)).image
+    with torch.no_grad():
+        want = reference_pipeline(tmp_path, written, te_dir="text_encoder")(
+            prompt=PROMPT,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            latents=torch.from_numpy(noise),
+            output_type="pil",
+        ).images[0]
+    assert np.asarray(want).std() > 5
+    assert psnr(np.asarray(got), np.asarray(want)) >= 40
 
 
 def test_result_and_reuse(prism_model):
@@ -118,3 +139,19 @@ def test_bad_requests(prism_model, kwargs, message):
     with pytest.raises(BonsaiError) as err:
         pipe(**args)
     assert message in str(err.value)
+
+
+def test_converted_model_gives_the_same_image(prism_model, tmp_path):
+    from mlx_bonsai.convert.converter import convert
+
+    root, _ = prism_model
+    converted = convert(str(root), tmp_path / "bonsai")
+    assert (converted / "transformer-bonsai" / "bonsai.json").is_file()
+    images = [
+        BonsaiPipeline.from_pretrained(str(path), dtype="float32")(
+            PROMPT, width=96, height=64, seed=3
+        ).image
+        for path in (root, converted)
+    ]
+    assert np.asarray(images[0]).std() > 5
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

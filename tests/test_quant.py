@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mlx_bonsai import quant
+from mlx_bonsai import kernels, quant
 from mlx_bonsai.errors import WeightsError
 from mlx_bonsai.packing import (
     fit_binary,
@@ -105,7 +105,7 @@ def test_forward_matches_float64(storage, dtype, n_in):
 def test_unpack_is_exact(storage):
     rng = np.random.default_rng(1)
     tensors, w = _random_layer(storage, 384, rng)
-    unpack = quant.unpack_binary if storage == "binary" else quant.unpack_ternary
+    unpack = kernels.unpack_binary if storage == "binary" else kernels.unpack_ternary
     for dtype in (mx.float32, mx.bfloat16):
         dense = unpack(tensors["lin.weight"], tensors["lin.scales"], dtype)
         assert dense.dtype == dtype
@@ -288,7 +288,7 @@ def test_quantize_roundtrip_through_runtime_unpack(variant):
     codes, s = fit(w.reshape(24, 3, 128))
     sign = 2.0 * codes - 1 if variant == "binary" else codes.astype(np.float64)
     expect = (round_scales(s, "bfloat16")[..., None] * sign).reshape(24, 384)
-    unpack = quant.unpack_binary if variant == "binary" else quant.unpack_ternary
+    unpack = kernels.unpack_binary if variant == "binary" else kernels.unpack_ternary
     got = unpack(mx.array(weight), mx.array(scales).astype(mx.bfloat16), mx.float32)
     np.testing.assert_array_equal(np.array(got), expect)
 

@@ -16,14 +16,12 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tiny_text import CONFIG_Q4, write_qwen3_dense, write_qwen3_mlx4bit, write_tokenizer
 from tiny_vae import write_vae
 
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.packing import GROUP_SIZE, pack_bits
-from mlx_bonsai.quant import Linear
 
 TINY_CONFIG = {
     "_class_name": "Flux2Transformer2DModel",
@@ -171,29 +169,3 @@ def write_dense_klein(root: Path, cfg: dict, seed: int, dtype: mx.Dtype = mx.bfl
     _write_common(root, "text_encoder")
     (root / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}\n')
     return written
-
-
-def linear_tree(cfg: dict) -> nn.Module:
-    """A module holding a `Linear` at the path of every 2-D transformer weight (list indices
-    as lists), so a checkpoint's linears load through `match_storage` and `load_into`."""
-    tree: dict = {}
-    for name, shape in transformer_shapes(cfg, "tiny").items():
-        if len(shape) != 2:
-            continue
-        *parents, leaf = name.removesuffix(".weight").split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = Linear(shape[1], shape[0])
-
-    def build(node):
-        if isinstance(node, Linear):
-            return node
-        if all(k.isdigit() for k in node):
-            return [build(node[str(i)]) for i in range(len(node))]
-        module = nn.Module()
-        for k, v in node.items():
-            setattr(module, k, build(v))
-        return module
-
-    return build(tree)
