@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -803,6 +804,187 @@ def time_diffusers(dirs: dict[str, Path], cfg: dict, te_cfg: dict, sizes: list[i
     return out
 
 
+# -- profile (--profile): where the time and the memory go -----------------------------------
+
+
+def timed(fn, repeats: int = 5) -> float:
+    """Median seconds of fn() evaluated, after one warm-up call."""
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def profile_vae(vae_dir: Path, size: int) -> dict[str, Any]:
+    """Seconds per part of one decode at `size`, each part evaluated on its own."""
+    from mlx_bonsai.vae import load_vae, unpatchify
+
+    vae = load_vae(vae_dir, mx.bfloat16)
+    side = size // 16
+    latents = mx.random.normal((1, side, side, 128), key=mx.random.key(3)).astype(mx.bfloat16)
+    whole = timed(lambda: vae.decode(latents), repeats=2)
+    dec = vae.decoder
+    mid = dec.mid_block
+    parts = [("post_quant_conv", vae._stem_input), ("conv_in", dec.conv_in),
+             ("mid.resnet0", mid.resnets[0]), ("mid.attention", mid.attentions[0]),
+             ("mid.resnet1", mid.resnets[1])]
+    for i, block in enumerate(dec.up_blocks):
+        parts += [(f"up{i}.resnet{j}", r) for j, r in enumerate(block.resnets)]
+        parts += [(f"up{i}.upsample", u) for u in block.upsamplers]
+    parts.append(("norm_out+conv_out", dec.output))
+    x = unpatchify(vae.bn.denormalize(latents))
+    mx.eval(x)
+    out = {"decode_s": whole, "parts_s": {}}
+    for name, fn in parts:
+        y = fn(x)
+        mx.eval(y)  # warm-up (kernel compilation)
+        out["parts_s"][name] = timed(lambda fn=fn, x=x: fn(x), repeats=2)
+        out["parts_s"][name + " shape"] = list(y.shape)
+        x = y
+    return out
+
+
+def conv3x3_as_matmuls(x: mx.array, w: mx.array) -> mx.array:
+    """A 3x3 'same' convolution (NHWC, weight (out, 3, 3, in)) as nine shifted matmuls: what
+    the convolution would cost at MLX's matmul speed."""
+    b, h, wd, c = x.shape
+    xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            term = xp[:, dy:dy + h, dx:dx + wd, :] @ w[:, dy, dx, :].T
+            out = term if out is None else out + term
+    return out
+
+
+def profile_convs(tiny: bool) -> list[dict[str, Any]]:
+    """3x3 convolutions at the FLUX.2 decoder's 1024^2 shapes: MLX conv2d, the same as nine
+    MLX matmuls, and torch (cuDNN, channels_last) on the same GPU, all bf16."""
+    shapes = ([(32, 32, 16, 16), (64, 64, 16, 8)] if tiny else
+              [(128, 128, 512, 512), (256, 256, 512, 512), (512, 512, 512, 512),
+               (512, 512, 512, 256), (512, 512, 256, 256), (1024, 1024, 256, 256),
+               (1024, 1024, 256, 128), (1024, 1024, 128, 128)])
+    out = []
+    for h, w, cin, cout in shapes:
+        k1, k2 = mx.random.split(mx.random.key(h + cin))
+        x = mx.random.normal((1, h, w, cin), key=k1).astype(mx.bfloat16)
+        wt = (mx.random.normal((cout, 3, 3, cin), key=k2) / math.sqrt(9 * cin)).astype(
+            mx.bfloat16)
+        flops = 2 * h * w * 9 * cin * cout
+        row: dict[str, Any] = {"shape": [h, w, cin, cout], "gflop": flops / 1e9}
+        row["mlx_conv_ms"] = timed(lambda x=x, wt=wt: mx.conv2d(x, wt, padding=1)) * 1e3
+        row["mlx_9matmul_ms"] = timed(lambda x=x, wt=wt: conv3x3_as_matmuls(x, wt)) * 1e3
+        row["rel_err_9matmul"] = rel_err(np.array(conv3x3_as_matmuls(x, wt).astype(mx.float32)),
+                                         np.array(mx.conv2d(x, wt, padding=1).astype(mx.float32)))
+        try:
+            import torch
+
+            dev = torch_device()
+            tx = torch.from_numpy(np.array(x.astype(mx.float32))).to(dev, torch.bfloat16)
+            tx = tx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            tw = torch.from_numpy(np.array(wt.astype(mx.float32))).to(dev, torch.bfloat16)
+            tw = tw.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            conv = torch.nn.functional.conv2d
+            with torch.inference_mode():
+                for _ in range(2):
+                    conv(tx, tw, padding=1)
+                torch_sync()
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    conv(tx, tw, padding=1)
+                    torch_sync()
+                    times.append(time.perf_counter() - start)
+            row["torch_conv_ms"] = statistics.median(times) * 1e3
+        except Exception as e:  # torch is optional here: the MLX numbers stand alone
+            row["torch_conv_ms"] = f"unavailable ({type(e).__name__})"
+        log(f"  conv {h}x{w} {cin}->{cout}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+        out.append(row)
+    return out
+
+
+def step_memory(directory: Path, size: int, cfg: dict, per_block: bool) -> dict[str, Any]:
+    """One transformer step at `size`: seconds and MLX peak above the resident weights, with
+    the step evaluated at the end (as the pipeline does) or after every block (per_block)."""
+    from mlx_bonsai import transformer as tm
+
+    model = load_transformer(directory, mx.bfloat16)
+    mx.eval(model.parameters())
+    resident = mx.get_active_memory()
+    inputs = step_inputs(cfg, size)
+    originals = tm.DoubleBlock.__call__, tm.SingleBlock.__call__
+    if per_block:
+        def evaluated(call):
+            def run(*a, **k):
+                out = call(*a, **k)
+                mx.eval(out)
+                return out
+            return run
+        tm.DoubleBlock.__call__, tm.SingleBlock.__call__ = map(evaluated, originals)
+    try:
+        mlx_step(model, inputs)
+        times, peaks = [], []
+        for _ in range(3):
+            mx.synchronize()
+            mx.reset_peak_memory()
+            start = time.perf_counter()
+            mlx_step(model, inputs)
+            times.append(time.perf_counter() - start)
+            peaks.append(mx.get_peak_memory())
+    finally:
+        tm.DoubleBlock.__call__, tm.SingleBlock.__call__ = originals
+    return {"step_s": statistics.median(times), "resident": resident,
+            "peak_above_resident": max(peaks) - resident, "env": {
+                k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
+
+
+STEP_ENVS = ({}, {"MLX_MAX_OPS_PER_BUFFER": "4"}, {"MLX_MAX_MB_PER_BUFFER": "64"},
+             {"MLX_USE_CUDA_GRAPHS": "0"})
+
+
+def profile(dirs: dict[str, Path], cfg: dict, sizes: list[int], args, r: Results) -> None:
+    out = r.setdefault("profile", {})
+    for size in sizes:
+        out[f"vae_{size}"] = profile_vae(dirs["dense"] / "vae", size)
+        parts = out[f"vae_{size}"]["parts_s"]
+        worst = sorted((v, k) for k, v in parts.items() if isinstance(v, float))[-4:]
+        log(f"  VAE {size}^2: decode {out[f'vae_{size}']['decode_s']:.3f} s; slowest parts "
+            + ", ".join(f"{k} {v * 1e3:.0f} ms" for v, k in reversed(worst)))
+        r.save()
+        free()
+    out["convs"] = profile_convs(args.tiny)
+    r.save()
+    free()
+    size = max(sizes)
+    out["step_memory"] = {}
+    for variant in ("bonsai-binary", "dense"):
+        for per_block in (False, True):
+            key = f"{variant} {size} {'per-block eval' if per_block else 'default'}"
+            out["step_memory"][key] = step_memory(
+                dirs[variant] / _TRANSFORMER_DIRS[variant], size, cfg, per_block)
+            log(f"  {key}: {out['step_memory'][key]}")
+            r.save()
+            free()
+    # MLX reads its buffer limits once, at start: one process per setting.
+    import subprocess
+
+    for env in STEP_ENVS[1:]:
+        key = f"bonsai-binary {size} default {env}"
+        command = [sys.executable, __file__, "--cache", str(args.cache), "--step-memory",
+                   "bonsai-binary", str(size)] + (["--tiny"] if args.tiny else [])
+        done = subprocess.run(command, env=os.environ | env, capture_output=True, text=True,
+                              timeout=300)
+        lines = done.stdout.strip().splitlines()
+        out["step_memory"][key] = (json.loads(lines[-1]) if done.returncode == 0 and lines
+                                   else {"error": done.stderr[-2000:]})
+        log(f"  {key}: {out['step_memory'][key]}")
+        r.save()
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -928,6 +1110,20 @@ def report(r: dict) -> str:
 # -- main ------------------------------------------------------------------------------------
 
 
+def record_warnings(r: Results) -> None:
+    """Log every warning (a kernel self-check falling back to the reference, say) and keep it
+    in the results."""
+    r["warnings"] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"
+        if text not in r["warnings"]:
+            r["warnings"].append(text)
+            log(f"warning: {text}")
+
+    warnings.showwarning = show
+
+
 def versions() -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     out: dict[str, Any] = {"date": now, "python": platform.python_version(),
@@ -960,7 +1156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, help="also append the log here")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU check")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--deadline", type=float,
+                        help="start no new section after this many seconds (for time-limited "
+                             "machines; what is skipped is listed in the JSON)")
     parser.add_argument("--report", type=Path, help="print the tables of an earlier --json")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile: VAE parts, convolutions (MLX vs torch), and the "
+                             "memory of one transformer step with and without per-block eval")
+    parser.add_argument("--step-memory", nargs=2, metavar=("VARIANT", "SIZE"),
+                        help=argparse.SUPPRESS)  # one step_memory run, JSON on stdout
     args = parser.parse_args(argv)
     if args.report:
         print(report(json.loads(args.report.read_text())))
@@ -971,7 +1175,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _import_mlx_lm()
     cfg, te_cfg, _ = configs(args.tiny)
+    if args.step_memory:
+        variant, size = args.step_memory
+        directory = args.cache / variant / _TRANSFORMER_DIRS[variant]
+        print(json.dumps(step_memory(directory, int(size), cfg, per_block=False)))
+        return 0
     r = Results(args.json)
+    record_warnings(r)
     r["args"] = vars(args) | {"sizes": sizes}
     r["meta"] = versions()
     log(f"{r['meta']}")
@@ -986,21 +1196,41 @@ def main(argv: list[str] | None = None) -> int:
             log(f"converter output == directly written bonsai packs: "
                 f"{r['converter_equals_direct']}")
     with_diffusers = "diffusers" not in args.skip
-    if "parity" not in args.skip:
+    deadline = T_START + args.deadline if args.deadline else math.inf
+
+    def due(name: str) -> bool:
+        """Whether to start section `name`: not skipped, and there is time left."""
+        if time.perf_counter() < deadline:
+            return True
+        log(f"-- {name}: skipped, past the --deadline")
+        r.setdefault("skipped", []).append(name)
+        return False
+
+    if args.profile:
+        with r.section("profile"):
+            profile(dirs, cfg, sizes, args, r)
+        return 1 if r["errors"] else 0
+    if "parity" not in args.skip and due("parity"):
         with r.section("parity"):
             parity(dirs, cfg, max(sizes), args.seed, r, with_diffusers)
-    if "timing" not in args.skip:
-        r["timing"] = {}
-        for v in args.variants:
+    r["timing"], r["low_memory"] = {}, {"bonsai-binary": {}}
+    # Priority order: our formats and the dense ceiling, low memory, PrismML's layout, diffusers.
+    first = [v for v in args.variants if not v.startswith("prism")]
+    later = [v for v in args.variants if v.startswith("prism")]
+    for v in first if "timing" not in args.skip else []:
+        if due(f"timing {v}"):
             with r.section(f"timing {v}"):
                 r["timing"][v] = time_variant(dirs[v], sizes, args.repeats)
-    if "low-memory" not in args.skip:
-        r["low_memory"] = {"bonsai-binary": {}}
-        for size in sorted(sizes):
+    for size in sorted(sizes) if "low-memory" not in args.skip else []:
+        if due(f"low-memory {size}"):
             with r.section(f"low-memory {size}"):
                 r["low_memory"]["bonsai-binary"][str(size)] = low_memory_run(
                     dirs["bonsai-binary"], size, args.repeats)
-    if with_diffusers:
+    for v in later if "timing" not in args.skip else []:
+        if due(f"timing {v}"):
+            with r.section(f"timing {v}"):
+                r["timing"][v] = time_variant(dirs[v], sizes, args.repeats)
+    if with_diffusers and due("diffusers"):
         with r.section("diffusers"):
             r["diffusers"] = time_diffusers(dirs, cfg, te_cfg, sizes, args.repeats)
     r["floor"] = floor_table(r, cfg)
