@@ -907,6 +907,41 @@ def profile_convs(tiny: bool) -> list[dict[str, Any]]:
     return out
 
 
+def profile_attention(cfg: dict, sizes: list[int]) -> list[dict[str, Any]]:
+    """The transformer's attention (24 heads of 128, S = 512 + image tokens), MLX's fused SDPA
+    vs torch's on the same GPU, bf16: 4 S^2 D FLOPs per call."""
+    c = TransformerConfig.from_dict(cfg)
+    out = []
+    for size in sizes:
+        s = N_TXT + (size // 16) ** 2
+        shape = (1, c.num_attention_heads, s, c.attention_head_dim)
+        q, k, v = (mx.random.normal(shape, key=mx.random.key(i)).astype(mx.bfloat16)
+                   for i in range(3))
+        row: dict[str, Any] = {"size": size, "tokens": s,
+                               "gflop": 4 * s * s * c.dim / 1e9}
+        row["mlx_ms"] = timed(lambda q=q, k=k, v=v: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=c.attention_head_dim**-0.5)) * 1e3
+        try:
+            import torch
+
+            tq, tk, tv = (torch.from_numpy(np.array(a.astype(mx.float32))).to(
+                torch_device(), torch.bfloat16) for a in (q, k, v))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            with torch.inference_mode():
+                sdpa(tq, tk, tv)
+                torch_sync()
+                start = time.perf_counter()
+                for _ in range(5):
+                    sdpa(tq, tk, tv)
+                torch_sync()
+            row["torch_ms"] = (time.perf_counter() - start) / 5 * 1e3
+        except Exception as e:  # torch is optional here
+            row["torch_ms"] = f"unavailable ({type(e).__name__})"
+        log(f"  attention {size}^2: {row}")
+        out.append(row)
+    return out
+
+
 def step_memory(directory: Path, size: int, cfg: dict, per_block: bool) -> dict[str, Any]:
     """One transformer step at `size`: seconds and MLX peak above the resident weights, with
     the step evaluated at the end (as the pipeline does) or after every block (per_block)."""
@@ -957,6 +992,9 @@ def profile(dirs: dict[str, Path], cfg: dict, sizes: list[int], args, r: Results
         r.save()
         free()
     out["convs"] = profile_convs(args.tiny)
+    r.save()
+    free()
+    out["attention"] = profile_attention(cfg, sizes)
     r.save()
     free()
     size = max(sizes)
