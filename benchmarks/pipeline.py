@@ -1023,6 +1023,129 @@ def profile(dirs: dict[str, Path], cfg: dict, sizes: list[int], args, r: Results
         r.save()
 
 
+# -- what would close the gaps (--fixes): measured, as experiments, not library changes -------
+
+
+def _group_sums(per_channel: mx.array, groups: int) -> mx.array:
+    b, c = per_channel.shape
+    return per_channel.reshape(b, groups, c // groups).sum(axis=-1)
+
+
+def blocked_statistics(self, x: mx.array) -> tuple[mx.array, mx.array]:
+    """GroupNorm mean and variance like `vae.GroupNorm.statistics` (float32, two passes), but
+    reduced in two contiguous stages (blocks of pixels, then blocks) so that every reduction
+    has many outputs. MLX's CUDA reduction over the strided (pixels, channels-in-group) axes
+    has only groups x batch outputs, and its time grows with the pixel count."""
+    b, c = x.shape[0], x.shape[-1]
+    xf = x.reshape(b, -1, c).astype(mx.float32)
+    n = xf.shape[1]
+    rows = next(r for r in (1024, 256, 64, 16, 4, 1) if n % r == 0)
+
+    def channel_sums(a: mx.array) -> mx.array:
+        return a.reshape(b, rows, n // rows, c).sum(axis=2).sum(axis=1)
+
+    count = n * (c // self.groups)
+    mean = _group_sums(channel_sums(xf), self.groups) / count
+    centered = xf - mx.repeat(mean, c // self.groups, axis=1)[:, None, :]
+    var = _group_sums(channel_sums(centered * centered), self.groups) / count
+    return mean, var
+
+
+def _groupnorm_pieces(h: int, w: int, c: int, groups: int) -> dict[str, Any]:
+    from mlx_bonsai.vae import GroupNorm
+
+    norm = GroupNorm(groups, c)
+    x = mx.random.normal((1, h, w, c), key=mx.random.key(5)).astype(mx.bfloat16) * 3 + 1
+    wt = (mx.random.normal((c, 3, 3, c), key=mx.random.key(6)) / math.sqrt(9 * c)).astype(
+        mx.bfloat16)
+    mean, var = norm.statistics(x)
+    mean2, var2 = blocked_statistics(norm, x)
+    return {
+        "shape": [h, w, c],
+        "stats_ms": timed(lambda: norm.statistics(x)) * 1e3,
+        "blocked_stats_ms": timed(lambda: blocked_statistics(norm, x)) * 1e3,
+        "normalize_ms": timed(lambda: norm.normalize(x, mean, var)) * 1e3,
+        "silu_ms": timed(lambda: x * mx.sigmoid(x)) * 1e3,
+        "conv_ms": timed(lambda: mx.conv2d(x, wt, padding=1)) * 1e3,
+        "blocked_rel_err_mean": rel_err(np.array(mean2), np.array(mean)),
+        "blocked_rel_err_var": rel_err(np.array(var2), np.array(var)),
+    }
+
+
+def profile_groupnorm(tiny: bool) -> list[dict[str, Any]]:
+    """The pieces of a VAE resnet at full resolution: GroupNorm statistics (as written, and
+    blocked), normalisation, SiLU and the 3x3 conv, each timed alone."""
+    shapes = [(64, 64, 16)] if tiny else [(1024, 1024, 128), (512, 512, 256), (256, 256, 512)]
+    out = []
+    for h, w, c in shapes:
+        row = _groupnorm_pieces(h, w, c, 8 if tiny else 32)
+        log(f"  GroupNorm pieces {h}x{w}x{c}: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                          row.items() if k != "shape"))
+        out.append(row)
+    return out
+
+
+def patch_groupnorm() -> None:
+    from mlx_bonsai import vae
+
+    vae.GroupNorm.statistics = blocked_statistics
+
+
+def fixes(dirs: dict[str, Path], sizes: list[int], args, r: Results) -> None:
+    """Measure the two fixes the first run points to, as experiments on this GPU:
+    GroupNorm statistics reduced in blocks (VAE time) and MLX_MAX_MB_PER_BUFFER (peak memory),
+    then the whole benchmark again with both, in a child process."""
+    from mlx_bonsai import vae as vae_module
+
+    out = r.setdefault("fixes", {})
+    out["groupnorm"] = profile_groupnorm(args.tiny)
+    r.save()
+    model = vae_module.load_vae(dirs["dense"] / "vae", mx.bfloat16)
+    original = vae_module.GroupNorm.statistics
+    for size in sizes:
+        side = size // 16
+        z = mx.random.normal((1, side, side, 128), key=mx.random.key(3)).astype(mx.bfloat16)
+        before = model.decode(z)
+        t_before = timed(lambda z=z: model.decode(z), repeats=1)
+        patch_groupnorm()
+        try:
+            after = model.decode(z)
+            t_after = timed(lambda z=z: model.decode(z), repeats=2)
+        finally:
+            vae_module.GroupNorm.statistics = original
+        out[f"vae_{size}"] = {"decode_s": t_before, "blocked_decode_s": t_after,
+                              "rel_err": rel_err(np.array(after), np.array(before))}
+        log(f"  VAE {size}^2 decode: {out[f'vae_{size}']}")
+        r.save()
+    # Equivalence in float32, where bf16 rounding through 30 layers does not mask it.
+    model = vae_module.load_vae(dirs["dense"] / "vae", mx.float32)
+    side = min(sizes) // 16
+    z = mx.random.normal((1, side, side, 128), key=mx.random.key(3))
+    before = np.array(model.decode(z))
+    patch_groupnorm()
+    try:
+        after = np.array(model.decode(z))
+    finally:
+        vae_module.GroupNorm.statistics = original
+    out[f"vae_{min(sizes)}_float32_rel_err"] = rel_err(after, before)
+    log(f"  float32 decode, blocked vs original statistics: rel err {rel_err(after, before):.2e}")
+    model = None  # release the VAE before the child process runs
+    free()
+    import subprocess
+
+    child = args.json.with_name("fixes_pipeline.json") if args.json else None
+    command = [sys.executable, __file__, "--cache", str(args.cache), "--patch-groupnorm",
+               "--skip", "parity", "--variants", "bonsai-binary", "bonsai-ternary", "dense",
+               "--sizes", *map(str, sizes)] + (["--json", str(child)] if child else []) + (
+               ["--tiny"] if args.tiny else []) + (
+               ["--deadline", str(args.deadline)] if args.deadline else [])
+    env = os.environ | {"MLX_MAX_MB_PER_BUFFER": "64"}
+    log(f"  child: MLX_MAX_MB_PER_BUFFER=64 {' '.join(command)}")
+    done = subprocess.run(command, env=env, text=True, timeout=900)
+    out["child"] = {"command": command, "env": {"MLX_MAX_MB_PER_BUFFER": "64"},
+                    "returncode": done.returncode, "json": str(child)}
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -1201,6 +1324,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="only profile: VAE parts, convolutions (MLX vs torch), and the "
                              "memory of one transformer step with and without per-block eval")
+    parser.add_argument("--fixes", action="store_true",
+                        help="only measure the fixes the first run points to (blocked GroupNorm "
+                             "statistics, MLX_MAX_MB_PER_BUFFER=64), then rerun the benchmark "
+                             "with both in a child process")
+    parser.add_argument("--patch-groupnorm", action="store_true",
+                        help="experiment: replace vae.GroupNorm.statistics by the blocked "
+                             "reduction of this script (not a library change)")
     parser.add_argument("--step-memory", nargs=2, metavar=("VARIANT", "SIZE"),
                         help=argparse.SUPPRESS)  # one step_memory run, JSON on stdout
     args = parser.parse_args(argv)
@@ -1244,6 +1374,12 @@ def main(argv: list[str] | None = None) -> int:
         r.setdefault("skipped", []).append(name)
         return False
 
+    if args.patch_groupnorm:
+        patch_groupnorm()
+    if args.fixes:
+        with r.section("fixes"):
+            fixes(dirs, sizes, args, r)
+        return 1 if r["errors"] else 0
     if args.profile:
         with r.section("profile"):
             profile(dirs, cfg, sizes, args, r)
