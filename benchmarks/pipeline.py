@@ -6,6 +6,13 @@
     python benchmarks/pipeline.py --tiny --cache /tmp/bonsai-tiny --json tiny.json
     # print the tables of an earlier run:
     python benchmarks/pipeline.py --report pipeline.json
+    # where time and memory go (VAE parts, convolutions and attention vs torch, step memory):
+    python benchmarks/pipeline.py --cache /tmp/bonsai-4b --json profile.json --profile
+    # the fixes that profile points to, measured as experiments, then the benchmark with them:
+    python benchmarks/pipeline.py --cache /tmp/bonsai-4b --json fixes.json --fixes
+
+On the lent NVIDIA machine (MLX's CUDA backend, BENCHMARKS.md "Pipeline" has the exact calls)
+diffusers and mlx-lm travel as wheels and install into /tmp/site beside MLX.
 
 Checkpoints (built once into --cache, reused when present): random weights at the exact 4B
 shapes (architecture.md §2, §3.11, §4.4), generated directly in packed form, in every layout the
