@@ -238,9 +238,11 @@ class BonsaiPipeline:
         timings: dict[str, float] = {}
         peaks: dict[str, int] = {}
         with _Phase(timings, peaks, "load"):
-            # The text encoder loads on first use: with low_memory it comes and goes.
-            pipe._load_transformer()
-            pipe._load_vae()
+            # The text encoder loads on first use. With low_memory every model loads when its
+            # phase comes, so no two of them need be resident at once.
+            if not low_memory:
+                pipe._load_transformer()
+                pipe._load_vae()
         pipe.load_time, pipe.load_peak = timings["load"], peaks["load"]
         return pipe
 
