@@ -86,6 +86,7 @@ def _import_mlx_lm() -> None:
 
 from mlx_bonsai import quant  # noqa: E402
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes  # noqa: E402
+from mlx_bonsai.convert.sizes import FULL_CONFIG  # noqa: E402
 from mlx_bonsai.packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE  # noqa: E402
 from mlx_bonsai.transformer import (  # noqa: E402
     Transformer,
@@ -98,24 +99,7 @@ from mlx_bonsai.weights import load_into  # noqa: E402
 
 # -- configurations --------------------------------------------------------------------------
 
-FULL_TRANSFORMER = {  # architecture.md §2.1
-    "_class_name": "Flux2Transformer2DModel",
-    "_diffusers_version": "0.42.1",
-    "patch_size": 1,
-    "in_channels": 128,
-    "out_channels": None,
-    "num_layers": 5,
-    "num_single_layers": 20,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 7680,
-    "timestep_guidance_channels": 256,
-    "mlp_ratio": 3.0,
-    "axes_dims_rope": [32, 32, 32, 32],
-    "rope_theta": 2000,
-    "eps": 1e-6,
-    "guidance_embeds": False,
-}
+FULL_TRANSFORMER = FULL_CONFIG  # architecture.md §2.1
 FULL_TEXT_ENCODER = {  # architecture.md §2.3 (Qwen3-4B)
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",

@@ -145,10 +145,14 @@ def check_size(width: int, height: int) -> list[str]:
     ]
 
 
+def latent_shape(height: int, width: int) -> tuple[int, int, int, int]:
+    """(1, 128, H/16, W/16): the initial noise of one image."""
+    return (1, LATENT_CHANNELS, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+
+
 def initial_noise(seed: int, height: int, width: int, dtype: mx.Dtype) -> mx.array:
     """Reproducible (1, 128, H/16, W/16) Gaussian noise for `seed`."""
-    shape = (1, LATENT_CHANNELS, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
-    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
+    return mx.random.normal(latent_shape(height, width), key=mx.random.key(seed)).astype(dtype)
 
 
 def to_pil(image: mx.array) -> Image.Image:
@@ -343,7 +347,7 @@ class BonsaiPipeline:
         if not isinstance(steps, int) or steps < 1:
             raise InvalidRequestError(f"steps must be a positive integer, got {steps!r}")
         seed = secrets.randbits(31) if seed is None else int(seed)
-        shape = (1, LATENT_CHANNELS, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+        shape = latent_shape(height, width)
         if latents is None:
             noise = initial_noise(seed, height, width, self.dtype)
         else:

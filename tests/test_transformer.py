@@ -9,6 +9,7 @@ import torch
 from conftest import rel_err
 from tiny_transformer import TINY, write_transformer
 
+from mlx_bonsai.convert.sizes import FULL_CONFIG
 from mlx_bonsai.errors import ConfigError, WeightsError
 from mlx_bonsai.transformer import (
     Transformer,
@@ -112,24 +113,7 @@ def test_positions_and_packing():
 
 
 def test_full_size_parameter_count():
-    cfg = TransformerConfig.from_dict(
-        dict(
-            in_channels=128,
-            num_layers=5,
-            num_single_layers=20,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=7680,
-            timestep_guidance_channels=256,
-            mlp_ratio=3.0,
-            axes_dims_rope=[32, 32, 32, 32],
-            rope_theta=2000,
-            eps=1e-6,
-            guidance_embeds=False,
-            patch_size=1,
-            out_channels=None,
-        )
-    )
+    cfg = TransformerConfig.from_dict(FULL_CONFIG)
     from mlx.utils import tree_flatten
 
     model = Transformer(cfg)  # lazily initialised: nothing is materialised
