@@ -2,7 +2,7 @@
 
 `packed_matmul(x, weight, scales, kind)` multiplies activations [..., K] by a binary or ternary
 packed weight (docs: format_spec "bonsai-packed v1") and returns [..., N] in x's dtype. It runs
-one of three kernel strategies on the GPU, or the pure-MLX reference:
+one of four kernel strategies on the GPU, or the pure-MLX reference:
 
 - "gemv":    few rows of x. Each threadgroup streams 4 weight rows once (its 4 simdgroups/warps
              split K), decodes them in registers and applies them to up to 4 rows of x per
@@ -10,18 +10,24 @@ one of three kernel strategies on the GPU, or the pure-MLX reference:
 - "gemm":    tiled GEMM that decodes weight tiles into threadgroup/shared memory and multiplies
              with simdgroup matrices (Metal) or tensor cores (CUDA); W is never expanded in device
              memory (metal/packed_gemm.*).
+- "wgmma":   Hopper GPUs (CUDA, compute capability 9.x) only: a GEMM around warpgroup MMA that
+             decodes each thread's weights straight into the MMA's register operand, with x
+             streamed through a ring of 128B-swizzled shared-memory stages by cp.async
+             (metal/packed_wgmma.cu; ternary weights first become 2-bit planes per call,
+             metal/packed_planes.cu). No Metal twin: Apple GPUs have no such instruction.
 - "scratch": decode W into a dense scratch of at most ~32 MiB (chunked over N, outputs
              concatenated) and use MLX's own matmul (metal/packed_decode.*).
 - "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
              (MLX_BONSAI_KERNELS=reference) and the fallback.
 
 The strategy is picked per (M, N, K): `tune()` measures on this GPU; untuned shapes use
-`default_strategy` (thresholds measured on an H100 for CUDA, see BENCHMARKS.md; for Metal they
-are unmeasured defaults, as no Apple GPU was available). On the first use of each kernel variant
-in a process, a self-check compares it with the reference on random data; a kernel that fails
-(wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from then on.
+`default_strategy` (measured on an H100 and an H200 for CUDA, see BENCHMARKS.md; for Metal
+they are unmeasured defaults, as no Apple GPU was available). On the first use of each kernel
+variant in a process, a self-check compares it with the reference on random data; a kernel that
+fails (wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from
+then on.
 
-Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | scratch;
+Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | wgmma | scratch;
 MLX_BONSAI_SCRATCH_MB = the scratch budget (default 32; on an H100, 128 brings M = 4608 from
 1.3-1.6x to 1.03-1.13x of a bf16 matmul at these shapes, see BENCHMARKS.md).
 
@@ -56,7 +62,7 @@ from .errors import BonsaiError, ConfigError, WeightsError
 from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
 
 KINDS = ("binary", "ternary")
-STRATEGIES = ("gemv", "gemm", "scratch")
+STRATEGIES = ("gemv", "gemm", "wgmma", "scratch")
 SCRATCH_BYTES = 32 * 2**20  # default; MLX_BONSAI_SCRATCH_MB overrides
 ENV_VAR = "MLX_BONSAI_KERNELS"
 SCRATCH_ENV_VAR = "MLX_BONSAI_SCRATCH_MB"
@@ -64,14 +70,22 @@ SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 _GEMV_ROWS = 4  # weight rows per GEMV threadgroup (its 4 simdgroups / warps split K)
+_GEMV_TUNE_MAX_M = 64
 _DECODE_THREADS = 256
 
 # Largest M that goes to the GEMV, and smallest M that goes to scratch + MLX matmul (between
-# them: the fused GEMM), per backend. CUDA: measured on an H100 (BENCHMARKS.md: the GEMV wins up
-# to M = 4, the GEMM up to M = 512, scratch from M = 1024). Metal: not measured (no Apple GPU
-# here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one weight write,
-# so large M goes to scratch; call tune() on the Mac to measure instead.
-_THRESHOLDS = {"metal": (4, 512), "cuda": (4, 1024)}
+# them: the portable fused GEMM), per backend. CUDA: measured on an H200 (BENCHMARKS.md): with
+# scratch for every packed linear (all have M >= 512 in the model) a whole transformer step ran
+# faster than with the GEMMs; below 512 rows the GEMM wins call by call. Metal: not measured (no
+# Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one
+# weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
+_THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
+# On Hopper GPUs binary weights take the wgmma GEMM past the GEMV instead: a step ran within 5%
+# of the scratch step's time (inside the run-to-run spread) at 30% less step memory, since no
+# dense weights are ever written. Ternary ones keep the thresholds: their wgmma path converts
+# base-3 to planes per call and was slower in the step; tune() or MLX_BONSAI_KERNELS=wgmma still
+# select it.
+_WGMMA_KINDS = ("binary",)
 _TUNED: dict[tuple, str] = {}
 
 
@@ -93,8 +107,12 @@ class KernelSet:
         self.factory = factory
         self._built: dict[str, Any] = {}
 
-    def _kernel(self, name: str, input_names: list[str], output_name: str) -> Any:
-        kernel = self._built.get(name)
+    def _kernel(self, name: str, input_names: list[str], output_name: str,
+                key: str | None = None, shared_memory: int = 0) -> Any:
+        """Kernel `bonsai_<name>` from metal/packed_<name>.*, built once per `key` (variants that
+        differ in dynamic shared memory are separate kernel objects in MLX)."""
+        key = key or name
+        kernel = self._built.get(key)
         if kernel is None:
             if self.backend == "metal":
                 header = _source("bonsai_metal.h") + _source("bonsai_decode.h")
@@ -102,7 +120,9 @@ class KernelSet:
                 source = _source(f"packed_{name}.metal")
             else:
                 header = _source("bonsai_decode.h") + _source("bonsai_cuda.cuh")
-                extra = {}
+                if name == "wgmma":
+                    header += _source("bonsai_wgmma.cuh")
+                extra = {"shared_memory": shared_memory} if shared_memory else {}
                 source = _source(f"packed_{name}.cu")
             kernel = self.factory(
                 name=f"bonsai_{name}",
@@ -113,11 +133,13 @@ class KernelSet:
                 ensure_row_contiguous=True,
                 **extra,
             )
-            self._built[name] = kernel
+            self._built[key] = kernel
         return kernel
 
     def supports(self, strategy: str, dtype: mx.Dtype) -> bool:
-        # The CUDA GEMM feeds tensor cores with 16-bit tiles; float32 goes through scratch.
+        # The CUDA GEMMs feed tensor cores with 16-bit tiles; float32 goes through scratch.
+        if strategy == "wgmma":
+            return self.backend == "cuda" and dtype != mx.float32 and _hopper()
         return not (self.backend == "cuda" and strategy == "gemm" and dtype == mx.float32)
 
     def gemm_tile(self, m: int) -> tuple[int, int, int]:
@@ -126,6 +148,13 @@ class KernelSet:
         if self.backend == "cuda" and m > 64:
             return 128, 2, 2
         return 64, 2, 2
+
+    @staticmethod
+    def wgmma_tile(m: int) -> tuple[int, int, int]:
+        """(BM, WG, STAGES) of the wgmma launch: BM rows of x by 64 * WG weight rows per block.
+        Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks (two per SM)
+        beat 256-row ones everywhere; a 3-stage x ring up to 1024 rows, 4 stages above."""
+        return 128, 2, 3 if m <= 1024 else 4
 
     @staticmethod
     def gemv_rows(m: int) -> int:
@@ -138,12 +167,14 @@ class KernelSet:
             return (self.gemv_rows(m),)
         if strategy == "gemm":
             return self.gemm_tile(m)
+        if strategy == "wgmma":
+            return self.wgmma_tile(m)
         return ()
 
     def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-             init_value: float | None = None) -> mx.array:
+             init_value: float | None, variant: tuple[int, int, int]) -> mx.array:
         m, n = x.shape[0], weight.shape[0]
-        bm, wm, wn = self.gemm_tile(m)
+        bm, wm, wn = variant
         threads = 32 * wm * wn
         return self._kernel("gemm", ["x", "weight", "scales"], "out")(
             inputs=[x, weight, scales],
@@ -156,10 +187,45 @@ class KernelSet:
             init_value=init_value,
         )[0]
 
-    def gemv(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-             init_value: float | None = None) -> mx.array:
+    def wgmma(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
+              init_value: float | None, variant: tuple[int, int, int]) -> mx.array:
         m, n = x.shape[0], weight.shape[0]
-        mr = self.gemv_rows(m)
+        bm, wg, stages = variant
+        threads = 128 * wg
+        if ternary:  # base-3 digits -> 2-bit planes the kernel decodes in a few operations
+            weight = self.planes(weight)
+        # The x ring (or the epilogue tile, if larger) plus 1 KiB to align it to 1024 bytes.
+        smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
+        kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
+                              key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem)
+        return kernel(
+            inputs=[x, weight, scales],
+            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
+                      ("BM", bm), ("WG", wg), ("STAGES", stages)],
+            grid=(math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(m, n)],
+            output_dtypes=[x.dtype],
+            init_value=init_value,
+        )[0]
+
+    def planes(self, weight: mx.array) -> mx.array:
+        """Ternary rows [N, K/128*26] (uint8) -> uint32 [N, K/16]: per run of 16 inputs, bit j =
+        weight j non-zero, bit 16 + j = weight j negative (metal/packed_planes.cu)."""
+        n, k = weight.shape[0], weight.shape[1] // TERNARY_GROUP_BYTES * GROUP_SIZE
+        return self._kernel("planes", ["weight"], "planes")(
+            inputs=[weight],
+            template=[],
+            grid=(n * k // 16, 1, 1),
+            threadgroup=(_DECODE_THREADS, 1, 1),
+            output_shapes=[(n, k // 16)],
+            output_dtypes=[mx.uint32],
+        )[0]
+
+    def gemv(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
+             init_value: float | None, variant: tuple[int]) -> mx.array:
+        m, n = x.shape[0], weight.shape[0]
+        (mr,) = variant
         return self._kernel("gemv", ["x", "weight", "scales"], "out")(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
@@ -203,16 +269,17 @@ class KernelSet:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
-            init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES) -> mx.array:
-        """x [M, K] @ W^T with one strategy."""
+            init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES,
+            variant: tuple | None = None) -> mx.array:
+        """x [M, K] @ W^T with one strategy; `variant` (see variant()) defaults to the one this
+        shape gets."""
         ternary = kind == "ternary"
         if strategy == "scratch":
             return self.scratch(x, weight, scales, ternary, init_value, scratch_bytes)
-        if strategy == "gemv":
-            return self.gemv(x, weight, scales, ternary, init_value)
-        if strategy == "gemm":
-            return self.gemm(x, weight, scales, ternary, init_value)
-        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+        if strategy not in ("gemv", "gemm", "wgmma"):
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+        variant = variant or self.variant(strategy, x.shape[0])
+        return getattr(self, strategy)(x, weight, scales, ternary, init_value, variant)
 
 
 _KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
@@ -282,19 +349,35 @@ def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     return x @ unpack(weight, scales, x.dtype).T
 
 
-def default_strategy(backend: str, m: int, dtype: mx.Dtype) -> str:
-    """The strategy an untuned shape gets (see _THRESHOLDS)."""
+def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
+    """The strategy an untuned shape gets (see _THRESHOLDS and _WGMMA_KINDS)."""
     gemv_max, scratch_min = _THRESHOLDS[backend]
+    ks = kernel_set(backend)
     if m <= gemv_max:
         return "gemv"
-    if m >= scratch_min or not kernel_set(backend).supports("gemm", dtype):
+    if kind in _WGMMA_KINDS and ks.supports("wgmma", dtype):
+        return "wgmma"
+    if m >= scratch_min or not ks.supports("gemm", dtype):
         return "scratch"
     return "gemm"
 
 
 def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.Dtype) -> str:
     """The measured winner for this shape if tune() ran for it, else the default."""
-    return _TUNED.get((backend, kind, dtype, m, n, k)) or default_strategy(backend, m, dtype)
+    return (_TUNED.get((backend, kind, dtype, m, n, k))
+            or default_strategy(backend, kind, m, dtype))
+
+
+
+
+@functools.cache
+def _hopper() -> bool:
+    """Whether MLX's CUDA device is a Hopper GPU (compute capability 9.x): wgmma exists there
+    only (MLX compiles custom kernels for sm_90a on it)."""
+    try:
+        return mx.cuda.is_available() and mx.device_info().get("compute_capability_major") == 9
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _device_backend() -> str | None:
@@ -385,16 +468,20 @@ _CHECKED: dict[tuple, bool] = {}
 def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
                 m: int) -> bool:
     """Run the kernel variant that m rows would use on small random data; warn once on failure."""
-    key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m))
+    variant = ks.variant(strategy, m)
+    key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant)
     if key in _CHECKED:
         return _CHECKED[key]
     # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N
-    # (202: not a multiple of the GEMV's 4 or the GEMM's 64 rows), K = 3 groups (not a multiple
-    # of the GEMV's 2048-wide sweep), several scratch chunks.
+    # (202: not a multiple of the GEMV's 4 or the GEMMs' 64 rows), K = 3 groups (not a multiple
+    # of the GEMV's 2048-wide sweep; more K-steps than the wgmma ring has stages), several
+    # scratch chunks.
     if strategy == "gemv":
-        rows = 2 * ks.gemv_rows(m) - 1
+        rows = 2 * variant[0] - 1
     elif strategy == "gemm":
-        rows = ks.gemm_tile(m)[0] + 7
+        rows = variant[0] + 7
+    elif strategy == "wgmma":
+        rows = 64 * variant[1] + 7
     else:
         rows = 5
     n, k = 202, 3 * GROUP_SIZE
@@ -403,7 +490,7 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
     try:
         y = ks.run(strategy, x, weight, scales, kind, init_value=math.nan,
-                   scratch_bytes=64 * k * dtype.size)
+                   scratch_bytes=64 * k * dtype.size, variant=variant or None)
         ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
         err = relative_error(y, ref)
         reason = f"relative error {err:.3g} > {SELF_CHECK_TOLERANCE}"
@@ -479,6 +566,8 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
         mx.eval(x, weight, scales)
         timings = {}
         for strategy in STRATEGIES:
+            if strategy == "gemv" and m > _GEMV_TUNE_MAX_M:
+                continue  # re-reads W every 4 rows of x: never the winner past a few rows
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
                                                             scale_dtype, m):
                 timings[strategy] = time_call(functools.partial(

@@ -173,7 +173,7 @@ def test_dispatch_uses_a_kernel_that_passes_its_self_check(fake_gpu, recwarn, m,
     weight, scales = kernels.random_packed("ternary", N, K)
     x = mx.random.normal((m, K)).astype(mx.bfloat16)
     y = kernels.packed_matmul(x, weight, scales, "ternary")
-    assert kernels.default_strategy("metal", m, mx.bfloat16) == strategy
+    assert kernels.default_strategy("metal", "ternary", m, mx.bfloat16) == strategy
     assert factory.built == [f"bonsai_{'decode' if strategy == 'scratch' else strategy}"]
     assert not recwarn.list
     ref = kernels.reference_matmul(x, weight, scales, "ternary")
@@ -275,6 +275,103 @@ def test_scratch_budget_env_var(fake_gpu, monkeypatch):
 def test_cuda_gemm_never_takes_float32(monkeypatch):
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     for m in (1, 64, 200, 5000):
-        assert kernels.default_strategy("cuda", m, mx.float32) != "gemm"
+        for kind in kernels.KINDS:
+            assert kernels.default_strategy("cuda", kind, m, mx.float32) not in ("gemm", "wgmma")
     ks = kernels.kernel_set("cuda", factory=FakeFactory(correct_answer))
     assert not ks.supports("gemm", mx.float32) and ks.supports("gemm", mx.bfloat16)
+
+
+# Dispatch on a pretend Hopper GPU (CUDA, compute capability 9): the wgmma strategy's launches.
+
+
+def planes_of(weight: mx.array) -> mx.array:
+    """metal/packed_planes.cu's output, from its documented layout: per run of 16 weights one
+    uint32; pair p = weights 2p, 2p+1: bits p / 16+p non-zero, bits 8+p / 24+p negative."""
+    n = weight.shape[0]
+    codes = np.array(kernels.unpack_ternary(weight, mx.ones((n, weight.shape[1] // 26)),
+                                            mx.float32)).astype(np.int64).reshape(n, -1, 16)
+    j = np.arange(16)
+    bit = (j % 2) * 16 + j // 2
+    words = ((codes != 0) << bit).sum(-1) + ((codes < 0) << (bit + 8)).sum(-1)
+    return mx.array(words.astype(np.uint32))
+
+
+def unplanes(planes: mx.array) -> mx.array:
+    """Codes {-1, 0, 1} [n, k] back from planes_of's words."""
+    words = np.array(planes).astype(np.int64)[..., None]
+    j = np.arange(16)
+    bit = (j % 2) * 16 + j // 2
+    nz, neg = (words >> bit) & 1, (words >> (bit + 8)) & 1
+    return mx.array((nz * (1 - 2 * neg)).reshape(planes.shape[0], -1).astype(np.float32))
+
+
+class FakeCudaFactory:
+    """Stands in for mx.fast.cuda_kernel (dynamic shared memory, no atomic outputs)."""
+
+    def __init__(self):
+        self.built, self.launches = [], []
+
+    def __call__(self, *, name, input_names, output_names, source, header, ensure_row_contiguous,
+                 shared_memory=0):
+        self.built.append((name, shared_memory))
+        assert ensure_row_contiguous and ("bonsai_wgmma_rs" in header) == (name == "bonsai_wgmma")
+
+        def launch(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                   init_value=None):
+            template = dict(template)
+            self.launches.append((name, template, grid, threadgroup, tuple(output_shapes[0]),
+                                  output_dtypes[0]))
+            if name == "bonsai_planes":
+                return [planes_of(inputs[0])]
+            if name == "bonsai_wgmma" and template["TERNARY"]:
+                x, planes, scales = inputs
+                dense = unplanes(planes) * mx.repeat(scales.astype(mx.float32), 128, axis=1)
+                return [(x.astype(mx.float32) @ dense.T).astype(output_dtypes[0])]
+            return [correct_answer(name, inputs, template, output_shapes[0], output_dtypes[0])]
+
+        return launch
+
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    factory = FakeCudaFactory()
+    monkeypatch.setattr(kernels, "_device_backend", lambda: "cuda")
+    monkeypatch.setattr(kernels, "_hopper", lambda: True)
+    monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(mx.fast, "cuda_kernel", factory)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    return factory
+
+
+@pytest.mark.parametrize("kind, m, dtype, strategy", [
+    ("binary", 3, mx.bfloat16, "gemv"), ("binary", 70, mx.bfloat16, "wgmma"),
+    ("binary", 600, mx.float16, "wgmma"), ("binary", 600, mx.float32, "scratch"),
+    ("ternary", 70, mx.bfloat16, "gemm"), ("ternary", 600, mx.bfloat16, "scratch"),
+])
+def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy):
+    assert kernels.default_strategy("cuda", kind, m, dtype) == strategy
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+@pytest.mark.parametrize("m", [70, 1500])
+def test_wgmma_launch(fake_hopper, kind, m):
+    n = 200  # two 128-row blocks, the second partial
+    weight, scales = kernels.random_packed(kind, n, K)
+    x = mx.random.normal((m, K)).astype(mx.bfloat16)
+    y = kernels.packed_matmul(x, weight, scales, kind, strategy="wgmma")
+    ref = kernels.reference_matmul(x, weight, scales, kind)
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    stages = 3 if m <= 1024 else 4
+    launch = fake_hopper.launches[-1]
+    assert launch[0] == "bonsai_wgmma" and launch[4] == (m, n)
+    assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=128,
+                             WG=2, STAGES=stages)
+    assert launch[2] == (2 * 256, math.ceil(m / 128), 1) and launch[3] == (256, 1, 1)
+    # The x ring (or the epilogue tile) plus the 1 KiB alignment slack.
+    smem = max(stages * 128 * 128, 128 * (256 + 16)) + 1024
+    assert ("bonsai_wgmma", smem) in fake_hopper.built
+    if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
+        planes = fake_hopper.launches[-2]
+        assert planes[0] == "bonsai_planes" and planes[4] == (n, K // 16)
+        assert planes[5] == mx.uint32 and planes[2] == (n * K // 16, 1, 1)

@@ -1,0 +1,32 @@
+// Ternary bonsai-packed rows -> 2-bit planes for packed_wgmma.cu (CUDA only), in a per-call
+// scratch: the wgmma kernel decodes every weight of its register fragments at random positions,
+// which base-3 digits make costly; planes make it a few bit operations. Thread i turns the run of
+// 16 inputs i of planes[N, K/16] into one uint32 holding, for pair p (weights 2p, 2p + 1): bit p
+// and bit 16 + p = weight 2p / 2p + 1 is non-zero, bit 8 + p and bit 24 + p = it is negative.
+// MLX generates the signature (weight, weight_shape, planes).
+//   grid (N * K / 16, 1, 1), threadgroup (256, 1, 1)
+
+const int N = weight_shape[0];
+const int groups = weight_shape[1] / BONSAI_TERNARY_GROUP_BYTES;
+const int K = groups * BONSAI_GROUP;
+// 32-bit index math: the caller keeps N * K / 16 < 2^32.
+const uint32_t runs = uint32_t(K / 16);
+const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+if (i >= uint32_t(N) * runs) {
+  return;
+}
+const int n = int(i / runs);
+const int k = int(i - uint32_t(n) * runs) * 16;
+const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                 size_t(bonsai_ternary_byte(k));
+const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
+                     (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+const BonsaiCodes16 codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
+uint32_t word = 0;
+#pragma unroll
+for (int j = 0; j < 16; ++j) {
+  const int bit = (j % 2) * 16 + j / 2;  // pair j / 2: even weight in the low half, odd in the high
+  word |= (codes.c[j] != 0.0f ? 1u : 0u) << bit;
+  word |= (codes.c[j] < 0.0f ? 1u : 0u) << (bit + 8);
+}
+planes[i] = word;
