@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --json out.json  # also every number as JSON
     python benchmarks/kernels.py --profile gemm binary 4608 3072 3072   # 3 calls, for a profiler
     python benchmarks/kernels.py --gemm-tile 128,2,2   # also check and time another GEMM tile
+    python benchmarks/kernels.py --wgmma-tile 128,2,4  # ... another wgmma tile (BN,WG,STAGES)
 
 Checks (each fails the run): every strategy and kind at every benchmark shape, and a sweep of
 dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs poisoned with NaN
@@ -31,7 +32,6 @@ from mlx_bonsai import kernels
 from mlx_bonsai.kernels import (
     KINDS,
     STRATEGIES,
-    KernelSet,
     kernel_set,
     random_packed,
     relative_error,
@@ -64,17 +64,18 @@ def inputs(kind, m, n, k, dtype, scale_dtype, seed):
     return x, weight, scales
 
 
-def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=()):
+def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=(), extra_wgmma=()):
     """{label: fn(x, weight, scales, kind, init_value, scratch_bytes)} worth running at m rows.
 
-    extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_scratch_mb
-    scratch variants with another budget (scratch@MB, for m >= 1536 only)."""
+    extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_wgmma
+    wgmma variants with other (BN, WG, STAGES) (wgmma@BNxWGxSTAGES), extra_scratch_mb scratch
+    variants with another budget (scratch@MB, for m >= 1536 only)."""
     out = {s: functools.partial(ks.run, s) for s in STRATEGIES
            if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
-    for tile in extra_tiles if "gemm" in out else ():
-        alt = KernelSet(ks.backend, ks.factory)
-        alt.gemm_tile = lambda m, tile=tile: tile
-        out["gemm@" + "x".join(map(str, tile))] = functools.partial(alt.run, "gemm")
+    for strategy, tiles in (("gemm", extra_tiles), ("wgmma", extra_wgmma)):
+        for tile in tiles if strategy in out else ():
+            out[f"{strategy}@" + "x".join(map(str, tile))] = functools.partial(
+                ks.run, strategy, variant=tile)
     for mb in extra_scratch_mb if m >= 1536 else ():
         def scratch(x, w, s, kind, init_value=None, scratch_bytes=None, mb=mb):
             return ks.run("scratch", x, w, s, kind, init_value, mb * 2**20)
@@ -230,13 +231,16 @@ def main() -> int:
     p.add_argument("--profile", nargs=5, metavar=("STRATEGY", "KIND", "M", "N", "K"))
     p.add_argument("--gemm-tile", action="append", default=[], metavar="BM,WM,WN",
                    help="also check and time the GEMM with this tile")
+    p.add_argument("--wgmma-tile", action="append", default=[], metavar="BN,WG,STAGES",
+                   help="also check and time the wgmma kernel with this tile (Hopper)")
     p.add_argument("--scratch-mb", type=int, nargs="+", default=[],
                    help="also time scratch with these budgets (MiB) at M >= 1536")
     p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
     p.add_argument("--no-check", action="store_true", help="timing only")
     args = p.parse_args()
     extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
-    extra = (extra_tiles, args.scratch_mb)
+    extra_wgmma = [tuple(int(v) for v in t.split(",")) for t in args.wgmma_tile]
+    extra = (extra_tiles, args.scratch_mb, extra_wgmma)
     backend = kernels._device_backend()
     if backend is None:
         print("benchmarks/kernels.py needs MLX on a Metal or CUDA GPU", file=sys.stderr)
@@ -258,6 +262,7 @@ def main() -> int:
     rows = [] if args.check_only else run_timing(ks, extra)
     if rows:
         labels = (list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
+                  + ["wgmma@" + "x".join(map(str, t)) for t in extra_wgmma]
                   + [f"scratch@{mb}" for mb in args.scratch_mb])
         print_table(rows, labels)
     if args.json:
