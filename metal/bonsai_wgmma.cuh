@@ -54,37 +54,16 @@ struct BonsaiIsBf16<__nv_bfloat16> {
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
-#define BONSAI_WGMMA_RS_N64(TY)                                                            \
-  asm volatile(                                                                                 \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                             \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                              \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"  \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-
-// d (64 x XN fp32 per warpgroup, wgmma's fragment layout) += A (64 x 16, this thread's four
-// registers of T pairs, mma.sync's A layout per warp) * B (16 x XN, K-major in shared memory,
-// see bonsai_wgmma_desc). Asynchronous: see bonsai_wgmma_wait.
-template <typename T, int XN>
+// d (64 x 128 fp32 per warpgroup, wgmma's fragment layout) += A (64 x 16, this thread's four
+// registers of T pairs, mma.sync's A layout per warp) * B (16 x 128, K-major in shared memory,
+// see bonsai_wgmma_desc). Asynchronous: wgmma.wait_group before reading d or rewriting a.
+template <typename T>
 __device__ __forceinline__ void bonsai_wgmma_rs(float* d, const uint32_t (&a)[4],
                                                 uint64_t desc_b) {
-  static_assert(XN == 64 || XN == 128, "n64 or n128");
-  if constexpr (XN == 128) {
-    if constexpr (BonsaiIsBf16<T>::value) {
-      BONSAI_WGMMA_RS_N128("bf16");
-    } else {
-      BONSAI_WGMMA_RS_N128("f16");
-    }
+  if constexpr (BonsaiIsBf16<T>::value) {
+    BONSAI_WGMMA_RS_N128("bf16");
   } else {
-    if constexpr (BonsaiIsBf16<T>::value) {
-      BONSAI_WGMMA_RS_N64("bf16");
-    } else {
-      BONSAI_WGMMA_RS_N64("f16");
-    }
+    BONSAI_WGMMA_RS_N128("f16");
   }
 }
 

@@ -4,8 +4,8 @@
 // packed_gemm.*.
 //
 // The product is computed transposed, D = W x^T: a block of WG warpgroups owns BN = 64 * WG
-// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n64 or BM / 128
-// n128 MMAs per k16 step), fp32 accumulators in registers. Each thread decodes exactly the
+// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: BM / 128 n128 MMAs per
+// k16 step), fp32 accumulators in registers. Each thread decodes exactly the
 // weights of its own A fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9
 // of each k16 step), so decoded weights never touch shared memory; only x does. x advances 64
 // inputs per stage (one 128-byte, 128B-swizzled row of T per x row, the layout wgmma's
@@ -20,7 +20,7 @@
 // exact (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
 // MLX generates the signature (x, x_shape, weight, weight_shape, scales, out) and defines template
-// T (__half | __nv_bfloat16), S, TERNARY, BM (64 | 128 | 256), WG (1 | 2), STAGES (>= 3).
+// T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 256), WG (1 | 2), STAGES (>= 3).
 //   grid (ceil(N / (64*WG)) * 128*WG, ceil(M / BM), 1), threadgroup (128*WG, 1, 1), dynamic shared
 //   memory max(STAGES * BM * 128, BM * (128*WG + 16)) + 1024 bytes.
 
@@ -29,12 +29,11 @@ constexpr int BN = 64 * WG;
 constexpr int THREADS = 128 * WG;
 constexpr int SLOT = BM * BK * 2;  // bytes of one x stage
 constexpr int CHUNKS = BM * (BK / 8) / THREADS;  // 16-byte pieces of x a thread copies a stage
-constexpr int XSUB = BM >= 128 ? BM / 128 : 1;  // MMAs per k16 step: n128 each, or one n64
-constexpr int XN = BM >= 128 ? 128 : 64;
+constexpr int XSUB = BM / 128;  // n128 MMAs per k16 step
 constexpr int ACC = BM / 2;  // fp32 accumulators per thread (64 weight rows x BM / 128 threads)
 constexpr int AHEAD = STAGES - 2;  // stages in flight beyond the one multiplied
 constexpr int EROW = BN * 2 + 16;  // epilogue row bytes; the 16 keep the scatter conflict-free
-static_assert(CHUNKS * THREADS == BM * 8 && AHEAD >= 1 && XSUB * XN == BM, "tile shape");
+static_assert(CHUNKS * THREADS == BM * 8 && AHEAD >= 1 && XSUB * 128 == BM, "tile shape");
 
 extern __shared__ __align__(1024) uint8_t bonsai_smem[];
 // wgmma's 128B swizzle repeats every 1024 bytes: slots start on such a boundary.
@@ -189,7 +188,7 @@ auto mainloop = [&](auto vec) {
     for (int kk = 0; kk < BK / 16; ++kk) {
 #pragma unroll
       for (int j = 0; j < XSUB; ++j) {
-        bonsai_wgmma_rs<T, XN>(&acc[j * XN / 2], afrag[kk],
+        bonsai_wgmma_rs<T>(&acc[j * 64], afrag[kk],
                                bonsai_wgmma_desc(b + j * 128 * 128 + kk * 32));
       }
     }
@@ -205,18 +204,18 @@ if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
 bonsai_fence_operands(acc);  // the epilogue's reads stay after the last wait
 __syncthreads();  // every MMA has read its x: the ring becomes the epilogue tile
 
-// Accumulator j * XN/2 + 4 b + e of this thread: weight row row0 + 8 (e / 2), x row
-// m0 + XN j + 8 b + 2 t + e % 2. Scatter as T into E[x row][weight row], then copy rows out.
+// Accumulator 64 j + 4 b + e of this thread: weight row row0 + 8 (e / 2), x row
+// m0 + 128 j + 8 b + 2 t + e % 2. Scatter as T into E[x row][weight row], then copy rows out.
 const uint32_t ebase = smem0;
 const int nl = row0 - n0;
 #pragma unroll
 for (int j = 0; j < XSUB; ++j) {
 #pragma unroll
-  for (int b = 0; b < XN / 8; ++b) {
+  for (int b = 0; b < 16; ++b) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int ml = j * XN + 8 * b + 2 * t + e % 2;
-      const T v = T(acc[j * XN / 2 + 4 * b + e]);
+      const int ml = j * 128 + 8 * b + 2 * t + e % 2;
+      const T v = T(acc[j * 64 + 4 * b + e]);
       asm volatile("st.shared.u16 [%0], %1;\n"
                    :: "r"(ebase + ml * EROW + (nl + 8 * (e / 2)) * 2),
                       "h"(*reinterpret_cast<const uint16_t*>(&v)) : "memory");
