@@ -210,8 +210,8 @@ class KernelSet:
         )[0]
 
     def planes(self, weight: mx.array) -> mx.array:
-        """Ternary rows [N, K/128*26] (uint8) -> uint32 [N, K/16]: per run of 16 inputs, bit j =
-        weight j non-zero, bit 16 + j = weight j negative (metal/packed_planes.cu)."""
+        """Ternary rows [N, K/128*26] (uint8) -> uint32 [N, K/16]: per run of 16 inputs, which
+        weights are non-zero and which negative, in the bit order metal/packed_planes.cu gives."""
         n, k = weight.shape[0], weight.shape[1] // TERNARY_GROUP_BYTES * GROUP_SIZE
         return self._kernel("planes", ["weight"], "planes")(
             inputs=[weight],
@@ -368,8 +368,6 @@ def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.D
             or default_strategy(backend, kind, m, dtype))
 
 
-
-
 @functools.cache
 def _hopper() -> bool:
     """Whether MLX's CUDA device is a Hopper GPU (compute capability 9.x): wgmma exists there
@@ -481,7 +479,7 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     elif strategy == "gemm":
         rows = variant[0] + 7
     elif strategy == "wgmma":
-        rows = 64 * variant[1] + 7
+        rows = variant[0] + 7
     else:
         rows = 5
     n, k = 202, 3 * GROUP_SIZE
