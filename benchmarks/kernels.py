@@ -4,7 +4,7 @@
     python benchmarks/kernels.py --json out.json  # also every number as JSON
     python benchmarks/kernels.py --profile gemm binary 4608 3072 3072   # 3 calls, for a profiler
     python benchmarks/kernels.py --gemm-tile 128,2,2   # also check and time another GEMM tile
-    python benchmarks/kernels.py --wgmma-tile 128,2,4  # ... another wgmma tile (BN,WG,STAGES)
+    python benchmarks/kernels.py --wgmma-tile 128,2,4  # ... another wgmma tile (BM,WG,STAGES)
 
 Checks (each fails the run): every strategy and kind at every benchmark shape, and a sweep of
 dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs poisoned with NaN
@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from mlx_bonsai import kernels
 from mlx_bonsai.kernels import (
+    GEMV_MAX_M,
     KINDS,
     STRATEGIES,
     kernel_set,
@@ -42,7 +43,6 @@ from mlx_bonsai.kernels import (
 NK = [(3072, 3072), (9216, 3072), (18432, 3072), (27648, 3072), (3072, 9216), (3072, 12288)]
 MS = [1, 64, 1536, 4608]
 TOLERANCE = 1e-2
-GEMV_MAX_M = 64  # the GEMV re-reads W once per 4 rows of x: no use timing it beyond this
 
 SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N (N % 4 != 0: the GEMV's 4-row blocks too),
     # K multiples of 128 but not of 512
@@ -68,7 +68,7 @@ def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=(), extra_wgmma=()
     """{label: fn(x, weight, scales, kind, init_value, scratch_bytes)} worth running at m rows.
 
     extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_wgmma
-    wgmma variants with other (BN, WG, STAGES) (wgmma@BNxWGxSTAGES), extra_scratch_mb scratch
+    wgmma variants with other (BM, WG, STAGES) (wgmma@BMxWGxSTAGES), extra_scratch_mb scratch
     variants with another budget (scratch@MB, for m >= 1536 only)."""
     out = {s: functools.partial(ks.run, s) for s in STRATEGIES
            if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
@@ -231,7 +231,7 @@ def main() -> int:
     p.add_argument("--profile", nargs=5, metavar=("STRATEGY", "KIND", "M", "N", "K"))
     p.add_argument("--gemm-tile", action="append", default=[], metavar="BM,WM,WN",
                    help="also check and time the GEMM with this tile")
-    p.add_argument("--wgmma-tile", action="append", default=[], metavar="BN,WG,STAGES",
+    p.add_argument("--wgmma-tile", action="append", default=[], metavar="BM,WG,STAGES",
                    help="also check and time the wgmma kernel with this tile (Hopper)")
     p.add_argument("--scratch-mb", type=int, nargs="+", default=[],
                    help="also time scratch with these budgets (MiB) at M >= 1536")

@@ -70,7 +70,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 _GEMV_ROWS = 4  # weight rows per GEMV threadgroup (its 4 simdgroups / warps split K)
-_GEMV_TUNE_MAX_M = 64
+GEMV_MAX_M = 64  # the GEMV re-reads W every 4 rows of x: never worth timing past this
 _DECODE_THREADS = 256
 
 # Largest M that goes to the GEMV, and smallest M that goes to scratch + MLX matmul (between
@@ -564,8 +564,8 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
         mx.eval(x, weight, scales)
         timings = {}
         for strategy in STRATEGIES:
-            if strategy == "gemv" and m > _GEMV_TUNE_MAX_M:
-                continue  # re-reads W every 4 rows of x: never the winner past a few rows
+            if strategy == "gemv" and m > GEMV_MAX_M:
+                continue
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
                                                             scale_dtype, m):
                 timings[strategy] = time_call(functools.partial(
