@@ -50,6 +50,17 @@ BONSAI_FN int bonsai_ternary_digit(int k) {
   return int((uint32_t(k) % 128u) % 5u);
 }
 
+// The four bytes, little-endian, holding input k's run of 16 in ternary row n of a packed matrix
+// of `groups` groups a row (a run spans at most four bytes, all inside its group). A template
+// over the pointer, so that kernels instantiated for binary weights still compile the call.
+template <typename P>
+BONSAI_FN uint32_t bonsai_ternary_bytes4(P weight, int n, int groups, int k) {
+  const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
+                   size_t(bonsai_ternary_byte(k));
+  return uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) | (uint32_t(weight[b + 2]) << 16) |
+         (uint32_t(weight[b + 3]) << 24);
+}
+
 // floor(v / 3^i) for v <= 242 and i in 0..4: a multiply and a shift instead of a division
 // (exact over the whole range; tests/test_kernels.py checks every value).
 BONSAI_FN uint32_t bonsai_div_pow3(uint32_t v, int i) {

@@ -72,10 +72,7 @@ for (int k0 = 0; k0 < K; k0 += BK) {
     if (n < N) {
       scale[r] = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
       if (TERNARY) {
-        const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
-                         size_t(bonsai_ternary_byte(k));
-        raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
-              (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+        raw = bonsai_ternary_bytes4(weight, n, groups, k);
       } else {
         raw = bonsai_binary_bits16(uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]), k);
       }

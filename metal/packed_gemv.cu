@@ -48,10 +48,7 @@ for (int k = tid * 16; k < K; k += 128 * 16) {
       const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
       BonsaiCodes16 codes;
       if (TERNARY) {
-        const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
-                         size_t(bonsai_ternary_byte(k));
-        const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
-                             (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+        const uint32_t raw = bonsai_ternary_bytes4(weight, n, groups, k);
         codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
       } else {
         const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);

@@ -17,10 +17,7 @@ if (i >= uint32_t(N) * runs) {
 }
 const int n = int(i / runs);
 const int k = int(i - uint32_t(n) * runs) * 16;
-const size_t b = size_t(n) * size_t(groups * BONSAI_TERNARY_GROUP_BYTES) +
-                 size_t(bonsai_ternary_byte(k));
-const uint32_t raw = uint32_t(weight[b]) | (uint32_t(weight[b + 1]) << 8) |
-                     (uint32_t(weight[b + 2]) << 16) | (uint32_t(weight[b + 3]) << 24);
+const uint32_t raw = bonsai_ternary_bytes4(weight, n, groups, k);
 const BonsaiCodes16 codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
 uint32_t word = 0;
 #pragma unroll
