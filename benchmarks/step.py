@@ -50,7 +50,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_bonsai import kernels
+from mlx_bonsai import kernels, quant
 from mlx_bonsai.convert.layout import packed_layers
 from mlx_bonsai.convert.sizes import FULL_CONFIG
 from mlx_bonsai.transformer import Transformer, TransformerConfig, image_ids, text_ids
@@ -335,9 +335,8 @@ def packed_shapes(model: Transformer, size: int, n_txt: int) -> list[tuple[int, 
     shapes = set()
     for prefix, block in [("double", model.transformer_blocks[0]),
                           ("single", model.single_transformer_blocks[0])]:
-        for path, layer in tree_flatten(block.leaf_modules(), is_leaf=lambda m: hasattr(
-                m, "storage")):
-            if getattr(layer, "storage", "dense") == "dense":
+        for path, layer in block.named_modules():
+            if not isinstance(layer, quant.Linear) or layer.storage == "dense":
                 continue
             text = any(key in path for key in ("add_", "ff_context"))
             m = n_img + n_txt if prefix == "single" else n_txt if text else n_img
