@@ -2,7 +2,8 @@
 
 One object holds the loaded components between calls; prompt embeddings are cached per
 prompt. `low_memory=True` keeps only what the current phase needs resident: the text encoder
-is dropped after encoding, the transformer before decoding, and the VAE decodes in tiles.
+is dropped after encoding, the transformer before decoding, each transformer block is computed
+before the next is built, and the VAE decodes in tiles.
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ class BonsaiPipeline:
         for i in range(steps):
             # The reference passes sigma as (sigma * 1000 -> model dtype) / 1000; same rounding.
             t = mx.array(schedule[i : i + 1] * 1000).astype(self.dtype) / 1000
-            velocity = model(x, embedding, t, rope)
+            velocity = model(x, embedding, t, rope, evaluate_blocks=self.low_memory)
             x = euler_step(x, velocity, schedule[i], schedule[i + 1])
             mx.eval(x)
             if progress is not None:

@@ -392,9 +392,16 @@ class Transformer(nn.Module):
         context: mx.array,
         timestep: mx.array,
         rope: tuple[mx.array, mx.array],
+        evaluate_blocks: bool = False,
     ) -> mx.array:
         """Velocity (B, N_img, out) for image tokens x (B, N_img, in), text context
-        (B, N_txt, joint_attention_dim), timestep sigma (B,) in [0, 1], RoPE tables from `rope`."""
+        (B, N_txt, joint_attention_dim), timestep sigma (B,) in [0, 1], RoPE tables from `rope`.
+
+        evaluate_blocks: compute each block before the next is built. MLX keeps the buffers an
+        operation reads until the GPU has finished the batch of work it was sent with, so an
+        unevaluated step holds several blocks' temporaries at once; evaluating per block bounds
+        the step's peak memory by one block's (costs a CPU-GPU round trip per block; not inside
+        mx.compile)."""
         cos, sin = rope
         # diffusers scales sigma by 1000 in the hidden dtype (this rounds it in bf16).
         temb = self.time_guidance_embed(timestep.astype(x.dtype) * 1000)
@@ -406,10 +413,14 @@ class Transformer(nn.Module):
         c = self.context_embedder(context)
         for block in self.transformer_blocks:
             x, c = block(x, c, mod_img, mod_txt, cos, sin)
+            if evaluate_blocks:
+                mx.eval(x, c)
         n_txt = c.shape[1]
         s = mx.concatenate([c, x], axis=1)
         for block in self.single_transformer_blocks:
             s = block(s, mod_single, cos, sin)
+            if evaluate_blocks:
+                mx.eval(s)
         return self.proj_out(self.norm_out(s[:, n_txt:], temb))
 
 

@@ -65,6 +65,25 @@ def test_matches_diffusers_float32(checkpoint, batch, h, w, n_txt):
     assert rel_err(ours, expected) <= 1e-5
 
 
+def test_evaluate_blocks_computes_the_same_step(checkpoint, monkeypatch):
+    """Low-memory mode evaluates each block before building the next: one mx.eval per block,
+    the same output bit for bit."""
+    directory, _ = checkpoint
+    model = load_transformer(directory, dtype=mx.float32)
+    x, ctx, t, txt, img = inputs(1, 4, 4, 8)
+    x, ctx, t, rope = mx.array(x), mx.array(ctx), mx.array(t), model.rope(txt, img)
+    whole = model(x, ctx, t, rope)
+    mx.eval(whole)
+    evals = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (evals.append(len(a)), real_eval(*a)))
+    per_block = model(x, ctx, t, rope, evaluate_blocks=True)
+    blocks = TINY["num_layers"] + TINY["num_single_layers"]
+    assert len(evals) == blocks >= 2
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(per_block), np.asarray(whole))
+
+
 def test_matches_diffusers_bfloat16(checkpoint):
     directory, _ = checkpoint
     ref_model = write_transformer(directory.parent / "bf16_copy").to(torch.bfloat16)
