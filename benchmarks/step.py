@@ -4,6 +4,7 @@
     python benchmarks/step.py --blocks --json step.json   # also one double and one single block
     python benchmarks/step.py --trace                  # also the top CUDA kernels of one step
     python benchmarks/step.py --tune                   # kernels.tune() each packed shape first
+    python benchmarks/step.py --float32                # also bf16 eager/compiled vs a float32 step
     python benchmarks/step.py --deadline 420           # skip what is left after 420 s
     python benchmarks/step.py --tiny --blocks          # toy size on a CPU (seconds), as a check
     python benchmarks/step.py --layers 1,1 --sizes 256   # full widths, 2 blocks: a quick GPU check
@@ -18,11 +19,17 @@ time; its codes are drawn again when it is built.
 Per variant and size (batch 1, (size/16)^2 image tokens, 512 text tokens (--tiny: 16), sigma 0.7,
 bf16 activations):
 - step time: median of --repeats synchronous steps (`mx.eval(model(...))`, wall clock) after 2
-  warm-up steps; eager and `mx.compile`d (a failed compile is recorded, the run goes on);
+  warm-up steps, per mode (--modes): eager (the model as the pipeline runs it: its elementwise
+  chains compiled), unfused (the same with mx.disable_compile(): every operation its own kernel),
+  blocks (evaluate_blocks=True: the low-memory pipeline), compiled (the whole step in mx.compile;
+  a failed compile is recorded, the run goes on);
 - memory: MLX active memory before a step (resident: weights and inputs) and the step's peak
   above it (max over the timed steps);
 - parity: max|a-b| / max|b| in float32 of each step's output against the eager dense step
   (binary: same function, so 0 or bf16 rounding) or, for ternary, against its own eager step;
+  and, for dense and binary, against the dense step computed in float32 (weights and
+  activations; sigma rounded as the bf16 model rounds it): the error bf16 itself makes, eager or
+  compiled;
 - --blocks: model.transformer_blocks[0] and model.single_transformer_blocks[0] alone, the same way;
 - --trace (CUDA only, best effort): GPU kernels of one eager step via torch.profiler (CUPTI), top 15
   by total device time; MLX launches through CUDA graphs, which CUPTI may not attribute.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -48,7 +56,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_bonsai import kernels, quant
 from mlx_bonsai.convert.layout import packed_layers
@@ -67,6 +75,7 @@ ENV_VARS = ("MLX_BONSAI_KERNELS", "MLX_BONSAI_SCRATCH_MB", "MLX_MAX_MB_PER_BUFFE
             "MLX_MAX_OPS_PER_BUFFER")
 BF16 = mx.bfloat16
 WHATS = ("step", "double", "single")
+MODES = ("eager", "unfused", "blocks", "compiled")
 
 Key = tuple[int, str, str, str]  # (size, variant, what, mode)
 
@@ -130,6 +139,23 @@ def step_inputs(model: Transformer, size: int, n_txt: int) -> tuple[mx.array, ..
     cos, sin = model.rope(text_ids(n_txt), image_ids(side, side))
     mx.eval(x, ctx, t, cos, sin)
     return x, ctx, t, cos, sin
+
+
+def float32_step(model: Transformer, inputs: tuple[mx.array, ...]) -> mx.array:
+    """The step of a dense bf16 model computed in float32; the model is bf16 again afterwards
+    (bf16 -> float32 -> bf16 is exact)."""
+    x, ctx, t, cos, sin = inputs
+    params = model.parameters()
+    model.update(tree_map(lambda a: a.astype(mx.float32), params))
+    try:
+        # The bf16 model rounds sigma * 1000 to bf16 (Transformer.__call__): give float32 the
+        # same timestep, so that only the arithmetic differs.
+        t32 = (t.astype(BF16) * 1000).astype(mx.float32) / 1000
+        out = model(x.astype(mx.float32), ctx.astype(mx.float32), t32, (cos, sin))
+        mx.eval(out)
+    finally:
+        model.update(params)
+    return out
 
 
 def block_inputs(model: Transformer, inputs: tuple[mx.array, ...]) -> dict[str, tuple]:
@@ -221,6 +247,7 @@ class Bench:
         self.start = time.perf_counter()
         self.rows: dict[Key, dict[str, Any]] = {}
         self.reference: dict[tuple[int, str], mx.array] = {}  # eager step outputs
+        self.reference32: dict[int, mx.array] = {}  # float32 dense step outputs
         self.data: dict[str, Any] = dict(
             meta=dict(
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -267,8 +294,8 @@ class Bench:
         return text
 
     def measure(self, key: Key, fn: Callable[..., Any], args: tuple) -> None:
-        """Time fn(*args), through mx.compile when the key's mode says so; a failure is
-        recorded in the row and the log."""
+        """Time fn(*args) the way the key's mode says (with_mode); a failure is recorded in the
+        row and the log."""
         size, variant, what, mode = key
         label = f"{variant} {size} {what} {mode}"
         if self.over_deadline(label):
@@ -276,13 +303,14 @@ class Bench:
             return
         row: dict[str, Any] = dict(size=size, variant=variant, what=what, mode=mode)
         try:
-            numbers, out = time_calls(mx.compile(fn) if mode == "compiled" else fn, args,
-                                      self.args.repeats)
+            numbers, out = time_calls(with_mode(fn, mode), args, self.args.repeats)
             row.update(numbers)
             if what == "step":
                 self.parity(row, out)
             times = row["times_ms"]
             err = "" if row.get("rel_err") is None else f", rel err {row['rel_err']:.2e}"
+            if "rel_err_fp32" in row:
+                err += f", vs float32 {row['rel_err_fp32']:.2e}"
             self.log(f"{label}: {row['ms']:.2f} ms (min {min(times):.2f}, max {max(times):.2f};"
                      f" first call {row['first_ms']:.0f} ms), resident "
                      f"{row['resident_bytes'] / 1e9:.2f} GB, peak +"
@@ -297,6 +325,8 @@ class Bench:
         """Relative error of a step output against its reference (see the module docstring);
         the eager output of dense and ternary becomes the reference."""
         size, variant, mode = row["size"], row["variant"], row["mode"]
+        if variant in ("dense", "binary") and size in self.reference32:
+            row["rel_err_fp32"] = kernels.relative_error(out, self.reference32[size])
         ref_variant = "dense" if variant in ("dense", "binary") else variant
         if variant == ref_variant and mode == "eager":
             self.reference[(size, variant)] = out
@@ -327,6 +357,23 @@ class Bench:
             print(f"    {r['total_ms']:9.3f} ms {r['count']:6d}x  {r['name'][:110]}", flush=True)
 
 
+def with_mode(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """fn as mode `mode` runs it (see the module docstring); "blocks" needs a step function."""
+    if mode == "compiled":
+        return mx.compile(fn)
+    if mode == "blocks":
+        return functools.partial(fn, evaluate_blocks=True)
+    if mode == "unfused":
+        def unfused(*args: Any) -> Any:
+            mx.disable_compile()  # while the graph is built: compiled helpers run as Python
+            try:
+                return fn(*args)
+            finally:
+                mx.enable_compile()
+        return unfused
+    return fn
+
+
 def packed_shapes(model: Transformer, size: int, n_txt: int) -> list[tuple[int, int, int]]:
     """(M, N, K) of every packed linear of a step at `size`: double blocks' image projections
     see the image tokens, their text projections (add_*, to_add_out, ff_context) the text
@@ -347,7 +394,7 @@ def packed_shapes(model: Transformer, size: int, n_txt: int) -> list[tuple[int, 
 def run_variant(bench: Bench, config: dict[str, Any], variant: str,
                 common: dict[str, mx.array], n_txt: int) -> None:
     args = bench.args
-    modes = ("eager",) if args.no_compile else ("eager", "compiled")
+    modes = [m for m in args.modes if not (args.no_compile and m == "compiled")]
     if bench.over_deadline(f"{variant} (build and all its measurements)"):
         return
     start = time.perf_counter()
@@ -361,9 +408,9 @@ def run_variant(bench: Bench, config: dict[str, Any], variant: str,
     bench.log(f"built {variant} in {time.perf_counter() - start:.1f} s: weights "
               f"{nbytes / 1e9:.3f} GB")
 
-    def step(x: mx.array, ctx: mx.array, t: mx.array, cos: mx.array,
-             sin: mx.array) -> mx.array:
-        return model(x, ctx, t, (cos, sin))
+    def step(x: mx.array, ctx: mx.array, t: mx.array, cos: mx.array, sin: mx.array,
+             evaluate_blocks: bool = False) -> mx.array:
+        return model(x, ctx, t, (cos, sin), evaluate_blocks=evaluate_blocks)
 
     blocks = {"double": model.transformer_blocks[0],
               "single": model.single_transformer_blocks[0]} if args.blocks else {}
@@ -384,9 +431,14 @@ def run_variant(bench: Bench, config: dict[str, Any], variant: str,
         except Exception as e:
             bench.error(f"{variant} {size} inputs", e)
             continue
+        if variant == "dense" and args.float32:
+            try:
+                bench.reference32[size] = float32_step(model, inputs)
+            except Exception as e:
+                bench.error(f"float32 reference {size}", e)
         for mode in modes:
             bench.measure((size, variant, "step", mode), step, inputs)
-            for what, block_arg in block_args.items():
+            for what, block_arg in block_args.items() if mode != "blocks" else ():
                 bench.measure((size, variant, what, mode), blocks[what], block_arg)
         if args.trace:
             bench.trace(size, variant, step, inputs)
@@ -424,6 +476,7 @@ def print_table(bench: Bench) -> None:
     for w in whats:
         head += f" {w + ' ms':>10} {'x dense':>7} |"
     head += f" {'model GB':>8} {'resident GB':>11} {'peak+ MB':>9} | {'rel err':>9}"
+    head += f" {'vs fp32':>9}"
     print(f"\nOne denoising step, bf16 (median of {bench.args.repeats} after {WARMUP} warm-up; "
           "x dense: same size and mode; peak+: step peak above resident)")
     print(head)
@@ -432,7 +485,7 @@ def print_table(bench: Bench) -> None:
         print("nothing measured")
     for size in sorted({k[0] for k in rows}):
         for variant in VARIANTS:
-            for mode in ("eager", "compiled"):
+            for mode in MODES:
                 if (size, variant, "step", mode) not in rows:
                     continue
                 line = f"{size:>5} {variant:<8} {mode:<8} |"
@@ -448,9 +501,11 @@ def print_table(bench: Bench) -> None:
                 line += f" {cell(build, 'model_bytes', 1e-9, '.3f'):>8}"
                 line += f" {cell(step, 'resident_bytes', 1e-9, '.3f'):>11}"
                 line += f" {cell(step, 'peak_above_bytes', 1e-6, '.0f'):>9}"
-                print(f"{line} | {rel_err_cell(step):>9}")
+                fp32 = f"{step['rel_err_fp32']:.2e}" if "rel_err_fp32" in step else "-"
+                print(f"{line} | {rel_err_cell(step):>9} {fp32:>9}")
     print("rel err: max|a-b|/max|b| of the step output vs the eager dense step (ternary: vs its "
-          "own eager step); ref = the reference itself")
+          "own eager step); ref = the reference itself; vs fp32: vs the float32 dense step "
+          "(--float32)")
     for e in bench.data["errors"]:
         print(f"error: {e['what']}: {e['error'][:200]}")
     if bench.data["skipped"]:
@@ -467,7 +522,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+",
                    help="image sides in pixels, multiples of 16 (default 512 1024; --tiny 64 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-    p.add_argument("--no-compile", action="store_true", help="eager steps only")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "compiled"],
+                   help="how to run each step (module docstring); default eager compiled")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
     p.add_argument("--tune", action="store_true", help="before a packed variant's timings at a "
                    "size, kernels.tune() its linear shapes (the dispatch then uses the winners)")
     p.add_argument("--blocks", action="store_true", help="also time one double and one single "
@@ -477,6 +534,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deadline", type=float, metavar="SECONDS",
                    help="skip measurements that would start after this many seconds")
     p.add_argument("--json", metavar="PATH", help="write every number here (after each one)")
+    p.add_argument("--float32", action="store_true", help="also compute the dense step in "
+                   "float32 and give every dense/binary step's error against it")
     p.add_argument("--tiny", action="store_true", help="toy model, 16 text tokens (CPU check)")
     p.add_argument("--layers", metavar="DOUBLE,SINGLE",
                    help="override the block counts, e.g. 1,1 for the full widths at 2 blocks")
@@ -488,6 +547,7 @@ def parse_args() -> argparse.Namespace:
         p.error("--repeats must be at least 1")
     # Canonical order whatever the command line says: dense's output is the others' reference.
     args.variants = [v for v in VARIANTS if v in args.variants]
+    args.modes = [m for m in MODES if m in args.modes]  # eager first: the parity reference
     return args
 
 
