@@ -378,15 +378,20 @@ def _hopper() -> bool:
         return False
 
 
-def _device_backend() -> str | None:
-    """ "metal" or "cuda" when MLX computes on a GPU with that backend, else None."""
-    if mx.default_device().type != mx.gpu:
-        return None
+@functools.cache
+def _gpu_backend() -> str | None:
+    """ "metal" or "cuda": the GPU backend of this MLX build, if it found a GPU (fixed for the
+    process; cached because every packed matmul asks)."""
     if mx.metal.is_available():
         return "metal"
     if mx.cuda.is_available():
         return "cuda"
     return None
+
+
+def _device_backend() -> str | None:
+    """ "metal" or "cuda" when MLX computes on a GPU with that backend, else None."""
+    return _gpu_backend() if mx.default_device().type == mx.gpu else None
 
 
 def _mode() -> str:
@@ -409,12 +414,18 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
                  group_size: int, strategy: str | None, factory: Callable[..., Any] | None,
                  init_value: float | None) -> mx.array:
     n, k = _check_inputs(x, weight, scales, kind, group_size)
-    x2 = x.reshape(-1, k)
     ks = kernel_set(backend, factory)
-    strategy = strategy or choose_strategy(backend, kind, x2.shape[0], n, k, x.dtype)
+    strategy = strategy or choose_strategy(backend, kind, math.prod(x.shape[:-1]), n, k, x.dtype)
     if not ks.supports(strategy, x.dtype):
         raise BonsaiError(f"the {backend} {strategy} kernel does not take {x.dtype} activations")
-    y = ks.run(strategy, x2, weight, scales, kind, init_value, _scratch_bytes())
+    return _launch(ks, strategy, x, weight, scales, kind, n, k, init_value)
+
+
+def _launch(ks: KernelSet, strategy: str, x: mx.array, weight: mx.array, scales: mx.array,
+            kind: str, n: int, k: int, init_value: float | None = None) -> mx.array:
+    """x [..., K] @ W^T by `strategy` on checked inputs."""
+    scratch = _scratch_bytes() if strategy == "scratch" else SCRATCH_BYTES
+    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value, scratch)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -529,7 +540,7 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
                           f"(strategy forced by {ENV_VAR} or the caller)")
     if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m):
         return reference_matmul(x, weight, scales, kind)
-    return _run_backend(backend, x, weight, scales, kind, group_size, strategy, None, None)
+    return _launch(ks, strategy, x, weight, scales, kind, n, k)
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,

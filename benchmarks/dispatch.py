@@ -1,0 +1,113 @@
+"""Where the time of one packed matmul call goes at M = 1: wall clock, host-side graph building and
+GPU kernel time, against MLX's bf16 matmul and stock 2-bit quantized_matmul. Needs a GPU.
+
+    python benchmarks/dispatch.py                 # the model's (N, K) shapes, M = 1
+    python benchmarks/dispatch.py --json out.json
+
+Per path and shape:
+- wall: `kernels.time_call` (batches of 20 calls evaluated together, median of 9), as in
+  benchmarks/kernels.py;
+- build: host time to build one call's graph node (Python and MLX, no evaluation), mean of 200;
+- gpu: the GPU time of the call's kernels per call (torch.profiler / CUPTI; CUDA only).
+Paths: "kernel" = KernelSet.run (the kernel alone, what benchmarks/kernels.py times),
+"packed_matmul" = the dispatch (checks, strategy, self-check lookup), "Linear" = quant.Linear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from mlx_bonsai import kernels, quant
+
+NK = [(3072, 3072), (9216, 3072), (18432, 3072), (27648, 3072), (3072, 9216), (3072, 12288)]
+
+
+def build_us(fn: Callable[[], mx.array], calls: int = 200) -> float:
+    start = time.perf_counter()
+    outs = [fn() for _ in range(calls)]
+    seconds = time.perf_counter() - start
+    mx.eval(outs)
+    return seconds / calls * 1e6
+
+
+def gpu_us(fn: Callable[[], mx.array], calls: int = 20) -> float | None:
+    """Total CUDA kernel time per call, or None where torch's profiler cannot see the GPU."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    mx.eval(fn())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mx.eval([fn() for _ in range(calls)])
+        torch.cuda.synchronize()
+    total = sum(e.time_range.elapsed_us() for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total / calls
+
+
+def paths(backend: str, n: int, k: int) -> dict[str, Callable[[], mx.array]]:
+    kx, kw = mx.random.split(mx.random.key(n + k))
+    x = mx.random.normal((1, k), key=kx).astype(mx.bfloat16)
+    dense = (mx.random.normal((n, k), key=kw) * 0.02).astype(mx.bfloat16)
+    q2 = mx.quantize(dense, group_size=128, bits=2)
+    mx.eval(x, dense, *q2)
+    out = {
+        "bf16": lambda: x @ dense.T,
+        "q2": lambda: mx.quantized_matmul(x, *q2, transpose=True, group_size=128, bits=2),
+    }
+    ks = kernels.kernel_set(backend)
+    for kind in kernels.KINDS:
+        weight, scales = kernels.random_packed(kind, n, k, key=kw)
+        linear = quant.Linear(k, n)
+        linear.set_storage(kind, scale_dtype=mx.bfloat16)
+        linear.update({"weight": weight, "scales": scales})
+        mx.eval(weight, scales)
+        out[f"{kind} kernel"] = functools.partial(ks.run, "gemv", x, weight, scales, kind)
+        out[f"{kind} packed_matmul"] = functools.partial(kernels.packed_matmul, x, weight,
+                                                         scales, kind)
+        out[f"{kind} Linear"] = functools.partial(linear, x)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    backend = kernels._device_backend()
+    if backend is None:
+        sys.exit("dispatch.py needs MLX on a Metal or CUDA GPU")
+    results = dict(mlx=mx.__version__, device=str(mx.device_info()), rows=[])
+    for n, k in NK:
+        for label, fn in paths(backend, n, k).items():
+            row = dict(n=n, k=k, path=label,
+                       wall_us=kernels.time_call(fn, warmup=5, repeats=9, calls=20) * 1e6,
+                       build_us=build_us(fn), gpu_us=gpu_us(fn))
+            results["rows"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    labels = list(dict.fromkeys(r["path"] for r in results["rows"]))
+    print(f"M = 1, bf16 x; us per call: wall / build / gpu   ({backend}, MLX {mx.__version__})")
+    print(f"{'N x K':>12} " + " ".join(f"{label:>22}" for label in labels))
+    for n, k in NK:
+        cells = []
+        for label in labels:
+            r = next(r for r in results["rows"] if (r["n"], r["k"], r["path"]) == (n, k, label))
+            gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.1f}"
+            cells.append(f"{r['wall_us']:.1f} / {r['build_us']:.1f} / {gpu}")
+        print(f"{n:>6}x{k:<5} " + " ".join(f"{c:>22}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
