@@ -10,10 +10,12 @@
 // of each k16 step), so decoded weights never touch shared memory; only x does. x advances 64
 // inputs per stage (one 128-byte, 128B-swizzled row of T per x row, the layout wgmma's
 // descriptors read) through a ring of STAGES slots filled by cp.async AHEAD stages in advance.
-// The packed words of the next stage are loaded from global memory while this stage multiplies.
-// A slot is refilled only after every warpgroup's MMAs on it retired (wgmma.wait_group at the
-// end of each iteration, then the next iteration's barrier). The accumulators leave through
-// shared memory (transposed back to out's layout) for 16-byte coalesced stores.
+// Each stage's MMAs are issued in two halves (two k16 steps each) from two sets of fragment
+// registers, so that one half is decoded while the other multiplies; the packed words of the
+// stage after next load from global memory meanwhile. A slot is refilled only after every
+// warpgroup's MMAs on it retired (wgmma.wait_group 1 after each half, then the next stage's
+// barrier). The accumulators leave through shared memory (transposed back to out's layout) for
+// 16-byte coalesced stores.
 //
 // Weights: binary, the bonsai-packed uint32 words; ternary, 2-bit planes made per call by
 // packed_planes.cu from the base-3 bytes (one uint32 per run of 16 inputs). Decoded values are
@@ -106,41 +108,45 @@ for (int h = 0; h < 2; ++h) {
   wrow[h] = reinterpret_cast<const uint32_t*>(weight) + size_t(min(n, N - 1)) * size_t(ksteps * WORDS);
   srow[h] = scales + size_t(min(n, N - 1)) * size_t(groups);
 }
-uint32_t packed[2][WORDS];
-uint32_t scale2[2];
-auto load_w = [&](int stage) {
+// The words of consecutive stages alternate between two buffers (P: which one, a compile-time
+// BonsaiBool so that the registers are named statically).
+uint32_t wbuf[2][2][WORDS];
+uint32_t sbuf[2][2];
+auto load_w = [&](int stage, auto P) {
+  constexpr int p = decltype(P)::value ? 1 : 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    scale2[h] = wvalid[h] ? bonsai_bits2<T>(srow[h][stage * BK / BONSAI_GROUP]) : 0u;
+    sbuf[p][h] = wvalid[h] ? bonsai_bits2<T>(srow[h][stage * BK / BONSAI_GROUP]) : 0u;
     if constexpr (TERNARY) {
       const uint4 v = *reinterpret_cast<const uint4*>(wrow[h] + stage * WORDS);
-      packed[h][0] = v.x;
-      packed[h][1] = v.y;
-      packed[h][2] = v.z;
-      packed[h][3] = v.w;
+      wbuf[p][h][0] = v.x;
+      wbuf[p][h][1] = v.y;
+      wbuf[p][h][2] = v.z;
+      wbuf[p][h][3] = v.w;
     } else {
       const uint2 v = *reinterpret_cast<const uint2*>(wrow[h] + stage * WORDS);
-      packed[h][0] = v.x;
-      packed[h][1] = v.y;
+      wbuf[p][h][0] = v.x;
+      wbuf[p][h][1] = v.y;
     }
   }
 };
-
-// A fragments of a stage: a[kk][0..3] = rows (g, g+8) x inputs (2t, 2t+1) and (2t+8, 2t+9).
-uint32_t afrag[BK / 16][4];
-auto decode = [&]() {
+using Half = uint32_t[2][4];
+auto decode = [&](Half& f, auto P, auto H) {
+  constexpr int p = decltype(P)::value ? 1 : 0;
+  constexpr int half = decltype(H)::value ? 1 : 0;
 #pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
+  for (int q = 0; q < 2; ++q) {
+    const int kk = 2 * half + q;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if constexpr (TERNARY) {
-        const uint32_t word = packed[h][kk];
-        afrag[kk][h] = bonsai_planes_pair(word >> t, scale2[h]);
-        afrag[kk][2 + h] = bonsai_planes_pair(word >> (t + 4), scale2[h]);
+        const uint32_t word = wbuf[p][h][kk];
+        f[q][h] = bonsai_planes_pair(word >> t, sbuf[p][h]);
+        f[q][2 + h] = bonsai_planes_pair(word >> (t + 4), sbuf[p][h]);
       } else {
-        const uint32_t bits = packed[h][kk / 2] >> (16 * (kk % 2) + 2 * t);
-        afrag[kk][h] = bonsai_binary_pair(bits, scale2[h]);
-        afrag[kk][2 + h] = bonsai_binary_pair(bits >> 8, scale2[h]);
+        const uint32_t bits = wbuf[p][h][kk / 2] >> (16 * (kk % 2) + 2 * t);
+        f[q][h] = bonsai_binary_pair(bits, sbuf[p][h]);
+        f[q][2 + h] = bonsai_binary_pair(bits >> 8, sbuf[p][h]);
       }
     }
   }
@@ -153,48 +159,67 @@ for (int e = 0; e < ACC; ++e) {
 }
 bonsai_fence_operands(acc);
 
-// One stage: decode its weights, fetch the next stage's packed words, multiply once its x has
-// landed, and wait for the MMAs. Overlapping the next decode with these MMAs would need the
-// fragments' registers redefined while MMAs are in flight, which makes ptxas serialize every
-// MMA; the block's two warpgroups, a second block per SM and the x copies in flight keep the
-// tensor cores fed instead. The loop exists twice, for aligned and misaligned x.
+// Half `half` of the stage whose x is at b: two k16 steps from fragment set f, then wait until
+// at most these MMAs are in flight.
+Half fa, fb;
+auto mma_half = [&](Half& f, uint32_t b, int half) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+#pragma unroll
+    for (int j = 0; j < XSUB; ++j) {
+      const uint32_t xq = b + j * 128 * 128 + (2 * half + q) * 32;
+      bonsai_wgmma_rs<T>(&acc[j * 64], f[q], bonsai_wgmma_desc(xq));
+    }
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+};
+// Stage kt: its words are in buffer P, the next stage's in NP, its first half already decoded
+// into fa. Each half's wait_group 1 retires the MMAs of the other fragment set, which is then
+// decoded while this half multiplies. Ternary tiles need more registers than two blocks per SM
+// allow (164 a thread with nvcc 13.0's ptxas): one reason wgmma is not the ternary default.
+auto step = [&](int kt, auto P, auto NP, auto vec) {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  if (kt + AHEAD < ksteps) {
+    copy_x(kt + AHEAD, vec);
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  const uint32_t b = smem0 + (kt % STAGES) * SLOT;
+  mma_half(fa, b, 0);
+  decode(fb, P, BonsaiBool<true>{});
+  mma_half(fb, b, 1);
+  if (kt + 1 < ksteps) {
+    decode(fa, NP, BonsaiBool<false>{});
+  }
+  if (kt + 2 < ksteps) {
+    load_w(kt + 2, P);
+  }
+};
+// The loop exists twice, for aligned and misaligned x, and is unrolled by two so that the
+// buffers alternate by name.
 auto mainloop = [&](auto vec) {
-  // Prologue: x of stages 0 .. AHEAD-1 in flight, packed words of stage 0 in registers.
+  // Prologue: x of stages 0 .. AHEAD-1 in flight, stage 0's first half decoded.
   for (int s = 0; s < AHEAD; ++s) {
     if (s < ksteps) {
       copy_x(s, vec);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
-  load_w(0);
-  for (int kt = 0; kt < ksteps; ++kt) {
-    decode();
-    if (kt + 1 < ksteps) {
-      load_w(kt + 1);
-    }
-    // Stage kt's x copies (this thread's) have landed; the fence hands this thread's ordinary
-    // shared stores (misaligned x) to the async proxy that wgmma reads through; the barrier
-    // makes it block-wide and tells every thread that stage kt - 2's slot is free.
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    if (kt + AHEAD < ksteps) {
-      copy_x(kt + AHEAD, vec);
-    }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-    const uint32_t b = smem0 + (kt % STAGES) * SLOT;
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-#pragma unroll
-      for (int j = 0; j < XSUB; ++j) {
-        bonsai_wgmma_rs<T>(&acc[j * 64], afrag[kk],
-                               bonsai_wgmma_desc(b + j * 128 * 128 + kk * 32));
-      }
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  load_w(0, BonsaiBool<false>{});
+  decode(fa, BonsaiBool<false>{}, BonsaiBool<false>{});
+  if (ksteps > 1) {
+    load_w(1, BonsaiBool<true>{});
   }
+  for (int kt = 0; kt < ksteps; kt += 2) {
+    step(kt, BonsaiBool<false>{}, BonsaiBool<true>{}, vec);
+    if (kt + 1 < ksteps) {
+      step(kt + 1, BonsaiBool<true>{}, BonsaiBool<false>{}, vec);
+    }
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 };
 if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
   mainloop(BonsaiBool<true>{});
