@@ -4,6 +4,7 @@ catch the bugs it exists to catch. The package's own kernels are tested in test_
 
 from __future__ import annotations
 
+import os
 import platform
 
 import mlx.core as mx
@@ -598,3 +599,20 @@ def test_ragged_grid_with_multirow_threadgroups_is_refused():
 def test_unsupported_features_fail_to_compile(body, pattern):
     with pytest.raises(KernelCompileError, match=pattern):
         run(body, [mx.zeros((1,))], [(1,)], [F32], (1, 1, 1), (1, 1, 1))
+
+
+def test_other_versions_prebuilt_headers_are_dropped_only_when_idle(tmp_path, monkeypatch):
+    """Two checkouts with different harness versions can test at once: neither may delete the
+    other's precompiled header while it is in use, but idle ones (a day) are cleaned up."""
+    from metal_harness import driver
+
+    monkeypatch.setenv("MSL_HARNESS_CACHE", str(tmp_path))
+    mine, busy, idle = (tmp_path / f"prebuilt-{n}" for n in ("mine", "busy", "idle"))
+    for d in (mine, busy, idle):
+        (d / "x").mkdir(parents=True)
+    day_and_more = driver.PREBUILT_IDLE_S + 60
+    old = (tmp_path / "prebuilt-idle").stat().st_mtime - day_and_more
+    os.utime(idle, (old, old))
+    os.utime(mine, (old, old))  # idle too, but it is the one being used
+    driver.drop_stale_prebuilt(keep=mine)
+    assert mine.exists() and busy.exists() and not idle.exists()

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -85,6 +86,24 @@ def _toolchain_key() -> str:
     return h.hexdigest()
 
 
+PREBUILT_IDLE_S = 24 * 3600
+
+
+def drop_stale_prebuilt(keep: Path) -> None:
+    """Remove the precompiled headers (large) of other harness versions idle for a day.
+
+    Only idle ones: a checkout with another version of the harness may be running its tests at
+    this moment, and removing its folder would fail its compiles.
+    """
+    now = time.time()
+    for old in cache_dir().glob("prebuilt-*"):
+        try:
+            if old != keep and now - old.stat().st_mtime > PREBUILT_IDLE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it first
+            pass
+
+
 def _prebuilt(toolchain: str) -> tuple[Path, Path]:
     """(directory holding msl_shim.h.gch, msl_runtime.o), built once per toolchain.
 
@@ -92,11 +111,9 @@ def _prebuilt(toolchain: str) -> tuple[Path, Path]:
     kernel and its glue to compile per kernel.
     """
     d = cache_dir() / f"prebuilt-{toolchain[:16]}"
-    if not d.exists():
-        # Precompiled headers are large: drop those of earlier versions of the harness.
-        for old in cache_dir().glob("prebuilt-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        d.mkdir(exist_ok=True)
+    d.mkdir(exist_ok=True)
+    os.utime(d)  # marks it in use for drop_stale_prebuilt in other processes
+    drop_stale_prebuilt(keep=d)
     gch, obj = d / "msl_shim.h.gch", d / "msl_runtime.o"
     for out, args in (
         (gch, ["-x", "c++-header", str(HERE / "msl_shim.h")]),
