@@ -162,11 +162,16 @@ def unpack_latents(tokens: mx.array, height: int, width: int) -> mx.array:
 
 @mx.compile
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (2j, 2j+1) of x (B, H, S, D) in float32; result in x's dtype."""
-    xf = x.astype(mx.float32)
-    pairs = xf.reshape(*xf.shape[:-1], -1, 2)
-    rotated = mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xf.shape)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    """Rotate interleaved pairs (2j, 2j+1) of x (B, H, S, D) in float32; result in x's dtype:
+    (a, b) -> (a cos - b sin, b cos + a sin).
+
+    Only views and elementwise operations (the swapped pair is a reversed-stride view), so MLX
+    fuses it all into one kernel: no float32 copy of x is written (a stack would split it)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    cos2 = cos.reshape(*cos.shape[:-1], -1, 2)
+    sin2 = sin.reshape(*sin.shape[:-1], -1, 2) * mx.array([-1.0, 1.0])
+    out = pairs.astype(mx.float32) * cos2 + pairs[..., ::-1].astype(mx.float32) * sin2
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def timestep_embedding(t: mx.array, channels: int) -> mx.array:
