@@ -487,10 +487,8 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     # scratch chunks.
     if strategy == "gemv":
         rows = 2 * variant[0] - 1
-    elif strategy == "gemm":
-        rows = variant[0] + 7
-    elif strategy == "wgmma":
-        rows = variant[0] + 7
+    elif strategy in ("gemm", "wgmma"):
+        rows = variant[0] + 7  # variant[0]: the tile's BM
     else:
         rows = 5
     n, k = 202, 3 * GROUP_SIZE
