@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import mlx.core as mx
+from step import kernel_summary, trace_problem  # benchmarks/ is on sys.path when run as a script
 
 from mlx_bonsai import kernels, quant
 
@@ -38,21 +39,16 @@ def build_us(fn: Callable[[], mx.array], calls: int = 200) -> float:
 
 
 def gpu_us(fn: Callable[[], mx.array], calls: int = 20) -> float | None:
-    """Total CUDA kernel time per call, or None where torch's profiler cannot see the GPU."""
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
+    """Total CUDA kernel time per call (step.py's CUPTI summary), or None where torch's profiler
+    cannot see the GPU's kernels."""
+    if trace_problem():
         return None
     mx.eval(fn())
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        mx.eval([fn() for _ in range(calls)])
-        torch.cuda.synchronize()
-    total = sum(e.time_range.elapsed_us() for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA)
-    return total / calls
+    try:
+        summary = kernel_summary(lambda: [fn() for _ in range(calls)], ())
+    except RuntimeError:  # CUPTI recorded nothing
+        return None
+    return summary["kernel_ms"] * 1e3 / calls
 
 
 def paths(backend: str, n: int, k: int) -> dict[str, Callable[[], mx.array]]:
