@@ -39,6 +39,24 @@ BONSAI_FN BonsaiCodes16 bonsai_binary_codes16(uint32_t bits16) {
   return out;
 }
 
+// The run of 16 inputs that thread i of a decode-style grid owns in a row-major [N, K] matrix:
+// row n, first input k; valid is false for threads past the end. 32-bit index math (64-bit
+// division is slow on GPUs): the caller keeps N * K / 16 < 2^32.
+struct BonsaiRun {
+  int n;
+  int k;
+  bool valid;
+};
+
+BONSAI_FN BonsaiRun bonsai_run(uint32_t i, int N, int K) {
+  const uint32_t runs = uint32_t(K / 16);
+  BonsaiRun r;
+  r.valid = i < uint32_t(N) * runs;
+  r.n = int(i / runs);
+  r.k = int(i - uint32_t(r.n) * runs) * 16;
+  return r;
+}
+
 // Byte (from the start of the row) holding input k of a ternary row.
 BONSAI_FN int bonsai_ternary_byte(int k) {
   const uint32_t u = uint32_t(k);  // unsigned: the divisions become shifts and a multiply

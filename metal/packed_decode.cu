@@ -7,14 +7,13 @@
 const int N = scales_shape[0];
 const int groups = scales_shape[1];
 const int K = groups * BONSAI_GROUP;
-// 32-bit index math (64-bit division is slow on GPUs): the caller keeps N * K / 16 < 2^32.
-const uint32_t runs = uint32_t(K / 16);
 const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-if (i >= uint32_t(N) * runs) {
+const BonsaiRun run = bonsai_run(i, N, K);
+if (!run.valid) {
   return;
 }
-const int n = int(i / runs);
-const int k = int(i - uint32_t(n) * runs) * 16;
+const int n = run.n;
+const int k = run.k;
 const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
 BonsaiCodes16 codes;
 if (TERNARY) {

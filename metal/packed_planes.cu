@@ -9,14 +9,13 @@
 const int N = weight_shape[0];
 const int groups = weight_shape[1] / BONSAI_TERNARY_GROUP_BYTES;
 const int K = groups * BONSAI_GROUP;
-// 32-bit index math: the caller keeps N * K / 16 < 2^32.
-const uint32_t runs = uint32_t(K / 16);
 const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-if (i >= uint32_t(N) * runs) {
+const BonsaiRun run = bonsai_run(i, N, K);
+if (!run.valid) {
   return;
 }
-const int n = int(i / runs);
-const int k = int(i - uint32_t(n) * runs) * 16;
+const int n = run.n;
+const int k = run.k;
 const uint32_t raw = bonsai_ternary_bytes4(weight, n, groups, k);
 const BonsaiCodes16 codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
 uint32_t word = 0;
