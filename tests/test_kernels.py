@@ -284,14 +284,17 @@ def test_cuda_gemm_never_takes_float32(monkeypatch):
 # Dispatch on a pretend Hopper GPU (CUDA, compute capability 9): the wgmma strategy's launches.
 
 
+# metal/packed_planes.cu's documented layout: per run of 16 weights one uint32; pair p =
+# weights 2p, 2p+1: bits p / 16+p non-zero, bits 8+p / 24+p negative. Weight j's non-zero bit:
+PLANE_BIT = (np.arange(16) % 2) * 16 + np.arange(16) // 2
+
+
 def planes_of(weight: mx.array) -> mx.array:
-    """metal/packed_planes.cu's output, from its documented layout: per run of 16 weights one
-    uint32; pair p = weights 2p, 2p+1: bits p / 16+p non-zero, bits 8+p / 24+p negative."""
+    """metal/packed_planes.cu's output, from its documented layout (PLANE_BIT)."""
     n = weight.shape[0]
     codes = np.array(kernels.unpack_ternary(weight, mx.ones((n, weight.shape[1] // 26)),
                                             mx.float32)).astype(np.int64).reshape(n, -1, 16)
-    j = np.arange(16)
-    bit = (j % 2) * 16 + j // 2
+    bit = PLANE_BIT
     words = ((codes != 0) << bit).sum(-1) + ((codes < 0) << (bit + 8)).sum(-1)
     return mx.array(words.astype(np.uint32))
 
@@ -299,8 +302,7 @@ def planes_of(weight: mx.array) -> mx.array:
 def unplanes(planes: mx.array) -> mx.array:
     """Codes {-1, 0, 1} [n, k] back from planes_of's words."""
     words = np.array(planes).astype(np.int64)[..., None]
-    j = np.arange(16)
-    bit = (j % 2) * 16 + j // 2
+    bit = PLANE_BIT
     nz, neg = (words >> bit) & 1, (words >> (bit + 8)) & 1
     return mx.array((nz * (1 - 2 * neg)).reshape(planes.shape[0], -1).astype(np.float32))
 
