@@ -1,9 +1,10 @@
 // bonsai-packed v1 decoding, shared word for word by the Metal (MSL) and CUDA kernels.
 //
 // Pure register arithmetic, no memory access, so the same text compiles as Metal Shading
-// Language, as CUDA C++ (NVRTC) and as host C++. Every kernel stages weights in runs of 16
-// consecutive inputs of one row (a run never crosses a 128-wide scale group), and turns the raw
-// bits of a run into 16 codes c in {-1, 0, +1}; the weight is c * scale of the group.
+// Language, as CUDA C++ (NVRTC) and as host C++. The kernels stage weights in runs of 16
+// consecutive inputs of one row (a run never crosses a 128-wide scale group) and turn the raw
+// bits of a run into 16 codes c in {-1, 0, +1}; the weight is c * scale of the group. The GEMV
+// reads ternary rows by byte pairs instead (below), where every digit has a fixed position.
 //
 // binary:  uint32 words, element k of a row is bit (k % 32) of word k / 32; bit 1 -> +1, 0 -> -1.
 // ternary: 26 bytes per group of 128; byte j holds elements 5j..5j+4 as base-3 digits
@@ -104,6 +105,33 @@ BONSAI_FN BonsaiCodes16 bonsai_ternary_codes16(uint32_t bytes4, int digit) {
     out.c[j] = float(int(cur - 3u * q) - 1);
     cur = q;
     ++d;
+  }
+  return out;
+}
+
+// Ternary rows as byte pairs (the GEMV's unit): pair h of group g is bytes 2h, 2h + 1 of the
+// group, inputs 10h .. 10h + 9 of it; the last pair (h = 12) holds 8 inputs (its 2 spare digits
+// are never read).
+#define BONSAI_TERNARY_PAIRS 13
+
+struct BonsaiDigits10 {
+  float t[10];
+};
+
+// The base-3 digits t in {0, 1, 2} (code = t - 1) of the 10 inputs of a byte pair given as
+// `pair` (first byte in bits 0-7). Each digit sits at a fixed position: a multiply, a shift and
+// a multiply-add each, no per-input branches.
+BONSAI_FN BonsaiDigits10 bonsai_ternary_digits10(uint32_t pair) {
+  BonsaiDigits10 out;
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    uint32_t v = (pair >> (8 * b)) & 0xffu;
+#pragma unroll
+    for (int j = 0; j < 5; ++j) {
+      const uint32_t q = (v * 171u) >> 9;  // v / 3, exact for v <= 255
+      out.t[5 * b + j] = float(v - 3u * q);
+      v = q;
+    }
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // CUDA twin of packed_gemv.metal for mx.fast.cuda_kernel: same ownership (a block of 4 warps
-// streams ROWS W rows once, thread t takes the 16-input runs t, t + 128, ...), same decode and
-// edge rules; warp shuffles stand in for simd_sum, and x is read with 16-byte loads. MLX generates
+// streams ROWS W rows once; thread t takes the 16-input runs t, t + 128, ... of binary rows, the
+// byte pairs t, t + 128, ... of ternary ones), same decode and edge rules; warp shuffles stand in
+// for simd_sum, and binary rows read x with 16-byte loads. MLX generates
 // the signature (x, x_shape, weight, weight_shape, scales, out) and defines template T, S,
 // TERNARY, MR, ROWS as constants.
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
@@ -28,40 +29,79 @@ for (int r = 0; r < ROWS; ++r) {
   }
 }
 
-for (int k = tid * 16; k < K; k += 128 * 16) {
-  float xv[MR][16];
+if (TERNARY) {
+  // Byte pairs (bonsai_decode.h) put every digit at a fixed position. sum_j (t_j - 1) x_j =
+  // sum_j t_j x_j - sum_j x_j, the second sum shared by the ROWS rows.
+  const uint8_t* wbytes = reinterpret_cast<const uint8_t*>(weight);
+  for (int i = tid; i < groups * BONSAI_TERNARY_PAIRS; i += 128) {
+    const int g = i / BONSAI_TERNARY_PAIRS;
+    const int h = i - g * BONSAI_TERNARY_PAIRS;
+    const int k = g * BONSAI_GROUP + 10 * h;
+    const int valid = h == BONSAI_TERNARY_PAIRS - 1 ? 8 : 10;
+    float xv[MR][10];
+    float xsum[MR];
 #pragma unroll
-  for (int m = 0; m < MR; ++m) {
-    if (m0 + m < M) {
-      bonsai_load16<T>(x + size_t(m0 + m) * size_t(K) + size_t(k), xv[m], x_vec);
-    } else {
+    for (int m = 0; m < MR; ++m) {
+      const bool ok = m0 + m < M;
+      const T* xr = x + size_t(ok ? m0 + m : 0) * size_t(K) + size_t(k);
+      xsum[m] = 0.0f;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        xv[m][j] = 0.0f;
+      for (int j = 0; j < 10; ++j) {
+        xv[m][j] = ok && j < valid ? float(xr[j]) : 0.0f;
+        xsum[m] += xv[m][j];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int n = n0 + r;
+      if (n < N) {
+        const size_t row = size_t(n) * size_t(groups);
+        const float scale = float(scales[row + size_t(g)]);
+        const uint32_t pair = *reinterpret_cast<const uint16_t*>(
+            wbytes + (row + size_t(g)) * BONSAI_TERNARY_GROUP_BYTES + size_t(2 * h));
+        const BonsaiDigits10 d = bonsai_ternary_digits10(pair);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          float dot = -xsum[m];
+#pragma unroll
+          for (int j = 0; j < 10; ++j) {
+            dot += d.t[j] * xv[m][j];
+          }
+          acc[r][m] += scale * dot;
+        }
       }
     }
   }
+} else {
+  for (int k = tid * 16; k < K; k += 128 * 16) {
+    float xv[MR][16];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const int n = n0 + r;
-    if (n < N) {
-      const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
-      BonsaiCodes16 codes;
-      if (TERNARY) {
-        const uint32_t raw = bonsai_ternary_bytes4(weight, n, groups, k);
-        codes = bonsai_ternary_codes16(raw, bonsai_ternary_digit(k));
+    for (int m = 0; m < MR; ++m) {
+      if (m0 + m < M) {
+        bonsai_load16<T>(x + size_t(m0 + m) * size_t(K) + size_t(k), xv[m], x_vec);
       } else {
-        const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
-        codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
-      }
-#pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
-          dot += codes.c[j] * xv[m][j];
+          xv[m][j] = 0.0f;
         }
-        acc[r][m] += scale * dot;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int n = n0 + r;
+      if (n < N) {
+        const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
+        const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
+        const BonsaiCodes16 codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          float dot = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            dot += codes.c[j] * xv[m][j];
+          }
+          acc[r][m] += scale * dot;
+        }
       }
     }
   }

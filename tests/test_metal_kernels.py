@@ -63,6 +63,16 @@ def test_metal_kernel_matches_reference(kind, strategy, m, x_dtype, scale_dtype)
     assert rel_err(y.astype(mx.float32), reference(x, weight, scales, kind)) <= EPS[x_dtype] + 1e-6
 
 
+def test_ternary_gemv_takes_several_byte_pairs_per_thread():
+    # K = 11 groups: 143 byte pairs a row, more than the threadgroup's 128 threads.
+    kx, kw = mx.random.split(mx.random.key(5))
+    x = mx.random.normal((2, 11 * 128), key=kx)
+    weight, scales = kernels.random_packed("ternary", 9, 11 * 128, key=kw)
+    y = kernels.metal_packed_matmul(x, weight, scales, "ternary", strategy="gemv",
+                                    factory=metal_kernel)
+    assert rel_err(y, reference(x, weight, scales, "ternary")) <= EPS[mx.float32] + 1e-6
+
+
 def _code(text: str) -> str:
     """`text` without comments and whitespace: kernels.py may strip both before launching."""
     return re.sub(r"\s+", "", re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S))
@@ -114,6 +124,7 @@ BROKEN = [
     # the K loop's first barrier: a simdgroup overwrites tiles others still read
     (
         "gemm",
+        "binary",
         rf"{BARRIER}( for \(int r = 0; r < RUNS; \+\+r\) {{ const int row)",
         r"\1",
         KernelRaceError,
@@ -123,6 +134,7 @@ BROKEN = [
     # the second: simdgroups read tiles still being written
     (
         "gemm",
+        "binary",
         rf"{BARRIER}( for \(int kk)",
         r"\1",
         KernelRaceError,
@@ -132,6 +144,7 @@ BROKEN = [
     # the epilogue's: threads read back fragments other simdgroups have not stored yet
     (
         "gemm",
+        "binary",
         rf"{BARRIER}( for \(int r = 0; r < RUNS; \+\+r\) {{ const int orow)",
         r"\1",
         KernelRaceError,
@@ -140,6 +153,7 @@ BROKEN = [
     ),
     (
         "gemm",
+        "binary",
         r"if \(m0 \+ orow < M\)",
         "if (m0 + orow <= M)",
         KernelRuntimeError,
@@ -148,6 +162,7 @@ BROKEN = [
     ),
     (
         "gemm",
+        "binary",
         r"if \(n < N\) {( scale\[r\])",
         r"if (n <= N) {\1",
         KernelRuntimeError,
@@ -156,6 +171,7 @@ BROKEN = [
     ),
     (
         "gemv",
+        "binary",
         r"if \(n < N\) {( const float scale)",
         r"if (n <= N) {\1",
         KernelRuntimeError,
@@ -164,14 +180,44 @@ BROKEN = [
     ),
     (
         "gemv",
-        r"const bool ok = m0 \+ m < M;",
-        "const bool ok = m0 + m <= M;",
+        "binary",
+        r"const bool ok = m0 \+ m < M;( const size_t base = [^;]*; for)",
+        r"const bool ok = m0 + m <= M;\1",
         KernelRuntimeError,
         "out-of-bounds read of buffer 'x'",
         "GEMV M edge off by one",
     ),
+    # the ternary GEMV's byte pairs: its own edges, and the group's last pair of 8 inputs
+    (
+        "gemv",
+        "ternary",
+        r"if \(n < N\) {( const size_t row)",
+        r"if (n <= N) {\1",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'scales'",
+        "ternary GEMV N edge off by one",
+    ),
+    (
+        "gemv",
+        "ternary",
+        r"const bool ok = m0 \+ m < M;( const size_t base = [^;]*; xsum)",
+        r"const bool ok = m0 + m <= M;\1",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'x'",
+        "ternary GEMV M edge off by one",
+    ),
+    (
+        "gemv",
+        "ternary",
+        r"\? 8 : 10;",
+        "? 10 : 10;",
+        KernelRuntimeError,
+        "out-of-bounds read of buffer 'x'",
+        "ternary GEMV reads the spare digits",
+    ),
     (
         "decode",
+        "binary",
         r"\* 16 \+ size_t\(j\)\]",
         "* 16 + size_t(j) + 1]",
         KernelRuntimeError,
@@ -183,19 +229,29 @@ STRATEGY_OF = {"gemm": "gemm", "gemv": "gemv", "decode": "scratch"}
 
 
 @pytest.mark.parametrize(
-    "kernel,pattern,replacement,error,message", [b[:5] for b in BROKEN], ids=[b[5] for b in BROKEN]
+    "kernel,kind,pattern,replacement,error,message", [b[:6] for b in BROKEN],
+    ids=[b[6] for b in BROKEN]
 )
-def test_broken_kernel_is_caught(kernel, pattern, replacement, error, message):
+def test_broken_kernel_is_caught(kernel, kind, pattern, replacement, error, message):
     strategy = STRATEGY_OF[kernel]
-    x, weight, scales = inputs("binary", ROWS[strategy][-1])
+    x, weight, scales = inputs(kind, ROWS[strategy][-1])
     factory = patched(kernel, pattern, replacement)
     with pytest.raises(error, match=message):
-        kernels.metal_packed_matmul(x, weight, scales, "binary", strategy=strategy, factory=factory)
+        kernels.metal_packed_matmul(x, weight, scales, kind, strategy=strategy, factory=factory)
 
 
-def test_broken_ternary_decoding_is_caught():
-    # Off by one in the shared decoder (bonsai_decode.h): the byte of its group holding input k.
-    factory = patched("gemv", r"\(u % 128u\) / 5u", "(u % 128u + 1u) / 5u", where="header")
-    x, weight, scales = inputs("ternary", 3)
-    y = kernels.metal_packed_matmul(x, weight, scales, "ternary", strategy="gemv", factory=factory)
+@pytest.mark.parametrize("kernel, pattern, replacement", [
+    # the byte of its group holding input k (the runs of 16 of the decode and GEMM kernels)
+    ("decode", r"\(u % 128u\) / 5u", "(u % 128u + 1u) / 5u"),
+    ("gemm", r"\(u % 128u\) / 5u", "(u % 128u + 1u) / 5u"),
+    # one base-3 digit of a byte pair (the GEMV's): v / 3 off for some bytes
+    ("gemv", r"\(v \* 171u\) >> 9", "(v * 170u) >> 9"),
+])
+def test_broken_ternary_decoding_is_caught(kernel, pattern, replacement):
+    # Off in the shared decoder (bonsai_decode.h), whose text every kernel carries.
+    strategy = STRATEGY_OF[kernel]
+    factory = patched(kernel, pattern, replacement, where="header")
+    x, weight, scales = inputs("ternary", ROWS[strategy][-1])
+    y = kernels.metal_packed_matmul(x, weight, scales, "ternary", strategy=strategy,
+                                    factory=factory)
     assert rel_err(y, reference(x, weight, scales, "ternary")) > 0.1
