@@ -365,7 +365,7 @@ def test_wgmma_launch(fake_hopper, kind, m):
     y = kernels.packed_matmul(x, weight, scales, kind, strategy="wgmma")
     ref = kernels.reference_matmul(x, weight, scales, kind)
     assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
-    stages = 3 if m <= 1024 else 4
+    stages = 4
     launch = fake_hopper.launches[-1]
     assert launch[0] == "bonsai_wgmma" and launch[4] == (m, n)
     assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=128,
