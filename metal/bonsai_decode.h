@@ -110,8 +110,8 @@ BONSAI_FN BonsaiCodes16 bonsai_ternary_codes16(uint32_t bytes4, int digit) {
 }
 
 // Ternary rows as byte pairs (the GEMV's unit): pair h of group g is bytes 2h, 2h + 1 of the
-// group, inputs 10h .. 10h + 9 of it; the last pair (h = 12) holds 8 inputs (its 2 spare digits
-// are never read).
+// group, inputs 10h .. 10h + 9 of it; the last pair (h = 12) holds 8 inputs (its 2 spare digits,
+// whatever they hold, are decoded but multiply zeros instead of x).
 #define BONSAI_TERNARY_PAIRS 13
 
 struct BonsaiDigits10 {
