@@ -86,6 +86,11 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # base-3 to planes per call and was slower in the step; tune() or MLX_BONSAI_KERNELS=wgmma still
 # select it.
 _WGMMA_KINDS = ("binary",)
+# (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
+# STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
+# (two per SM) beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, and a 4-stage ring a
+# 3-stage one (by 1-2% at each of the step's M, 512 to 4608).
+WGMMA_TILE = (128, 2, 4)
 _TUNED: dict[tuple, str] = {}
 
 
@@ -150,14 +155,6 @@ class KernelSet:
         return 64, 2, 2
 
     @staticmethod
-    def wgmma_tile(m: int) -> tuple[int, int, int]:
-        """(BM, WG, STAGES) of the wgmma launch: BM rows of x by 64 * WG weight rows per block.
-        Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks (two per SM)
-        beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, a 4-stage x ring a 3-stage one
-        (by 1-2% at each of the step's M, 512 to 4608)."""
-        return 128, 2, 4
-
-    @staticmethod
     def gemv_rows(m: int) -> int:
         """Rows of x per GEMV pass (MR): 1, 2 or 4."""
         return 1 if m == 1 else 2 if m == 2 else 4
@@ -169,7 +166,7 @@ class KernelSet:
         if strategy == "gemm":
             return self.gemm_tile(m)
         if strategy == "wgmma":
-            return self.wgmma_tile(m)
+            return WGMMA_TILE
         return ()
 
     def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
