@@ -29,15 +29,6 @@ struct BonsaiSame<A, A> {
   static constexpr bool value = true;
 };
 
-template <typename T>
-struct BonsaiIsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct BonsaiIsBf16<__nv_bfloat16> {
-  static constexpr bool value = true;
-};
-
 #define BONSAI_WGMMA_RS_N128(TY)                                                            \
   asm volatile(                                                                                 \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                             \
@@ -60,7 +51,7 @@ struct BonsaiIsBf16<__nv_bfloat16> {
 template <typename T>
 __device__ __forceinline__ void bonsai_wgmma_rs(float* d, const uint32_t (&a)[4],
                                                 uint64_t desc_b) {
-  if constexpr (BonsaiIsBf16<T>::value) {
+  if constexpr (BonsaiSame<T, __nv_bfloat16>::value) {
     BONSAI_WGMMA_RS_N128("bf16");
   } else {
     BONSAI_WGMMA_RS_N128("f16");
