@@ -1,7 +1,8 @@
 // bonsai-packed v1 decoding, shared word for word by the Metal (MSL) and CUDA kernels.
 //
-// Pure register arithmetic, no memory access, so the same text compiles as Metal Shading
-// Language, as CUDA C++ (NVRTC) and as host C++. The kernels stage weights in runs of 16
+// Register arithmetic plus one templated byte load (bonsai_ternary_bytes4), nothing specific to
+// a language, so the same text compiles as Metal Shading Language, as CUDA C++ (NVRTC) and as
+// host C++. The kernels stage weights in runs of 16
 // consecutive inputs of one row (a run never crosses a 128-wide scale group) and turn the raw
 // bits of a run into 16 codes c in {-1, 0, +1}; the weight is c * scale of the group. The GEMV
 // reads ternary rows by byte pairs instead (below), where every digit has a fixed position.
