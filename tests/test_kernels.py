@@ -295,16 +295,14 @@ def planes_of(weight: mx.array) -> mx.array:
     n = weight.shape[0]
     codes = np.array(kernels.unpack_ternary(weight, mx.ones((n, weight.shape[1] // 26)),
                                             mx.float32)).astype(np.int64).reshape(n, -1, 16)
-    bit = PLANE_BIT
-    words = ((codes != 0) << bit).sum(-1) + ((codes < 0) << (bit + 8)).sum(-1)
+    words = ((codes != 0) << PLANE_BIT).sum(-1) + ((codes < 0) << (PLANE_BIT + 8)).sum(-1)
     return mx.array(words.astype(np.uint32))
 
 
 def unplanes(planes: mx.array) -> mx.array:
     """Codes {-1, 0, 1} [n, k] back from planes_of's words."""
     words = np.array(planes).astype(np.int64)[..., None]
-    bit = PLANE_BIT
-    nz, neg = (words >> bit) & 1, (words >> (bit + 8)) & 1
+    nz, neg = (words >> PLANE_BIT) & 1, (words >> (PLANE_BIT + 8)) & 1
     return mx.array((nz * (1 - 2 * neg)).reshape(planes.shape[0], -1).astype(np.float32))
 
 
