@@ -226,7 +226,12 @@ if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
 } else {
   mainloop(BonsaiBool<false>{});
 }
-bonsai_fence_operands(acc);  // the epilogue's reads stay after the last wait
+// The fence binds NVVM, not ptxas: in a development variant of this kernel (x fed by bulk
+// copies) ptxas (CUDA 13.0) scheduled the epilogue's accumulator conversions above the wait
+// after the loop, losing part of the last stage. Here they come after it (SASS of all eight
+// instantiations), and the first-use self-check in kernels.py catches it otherwise. Waiting
+// inside the loop instead costs 5-10% of the binary kernel's time (BENCHMARKS.md).
+bonsai_fence_operands(acc);
 __syncthreads();  // every MMA has read its x: the ring becomes the epilogue tile
 
 // Accumulator 64 j + 4 b + e of this thread: weight row row0 + 8 (e / 2), x row
