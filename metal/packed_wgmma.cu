@@ -177,8 +177,9 @@ auto mma_half = [&](Half& f, uint32_t b, int half) {
 };
 // Stage kt: its words are in buffer P, the next stage's in NP, its first half already decoded
 // into fa. Each half's wait_group 1 retires the MMAs of the other fragment set, which is then
-// decoded while this half multiplies. Ternary tiles need more registers than two blocks per SM
-// allow (164 a thread with nvcc 13.0's ptxas): one reason wgmma is not the ternary default.
+// decoded while this half multiplies. Ternary tiles want more registers than two blocks per SM
+// allow (164 a thread with nvcc 13.0's ptxas); kernels.py caps them at 128 (__maxnreg__): a few
+// spills, 9-19% faster than one block per SM at the step's large shapes (BENCHMARKS.md).
 auto step = [&](int kt, auto P, auto NP, auto vec) {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -82,9 +82,9 @@ _DECODE_THREADS = 256
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs binary weights take the wgmma GEMM past the GEMV instead: a step ran within 5%
 # of the scratch step's time (inside the run-to-run spread) at 30% less step memory, since no
-# dense weights are ever written. Ternary ones keep the thresholds: their wgmma path converts
-# base-3 to planes per call and was slower in the step; tune() or MLX_BONSAI_KERNELS=wgmma still
-# select it.
+# dense weights are ever written. Ternary ones keep the thresholds: their wgmma path (base-3 to
+# planes per call) wins most large calls alone but was 7-8% slower in the eager step; it does
+# cut the low-memory step's peak by 0.6-0.8 GB. tune() or MLX_BONSAI_KERNELS=wgmma select it.
 _WGMMA_KINDS = ("binary",)
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
@@ -113,20 +113,19 @@ class KernelSet:
         self._built: dict[str, Any] = {}
 
     def _kernel(self, name: str, input_names: list[str], output_name: str,
-                key: str | None = None, shared_memory: int = 0) -> Any:
+                key: str | None = None, shared_memory: int = 0, header: str = "") -> Any:
         """Kernel `bonsai_<name>` from metal/packed_<name>.*, built once per `key` (variants that
-        differ in dynamic shared memory are separate kernel objects in MLX)."""
+        differ in dynamic shared memory are separate kernel objects in MLX); `header` is added
+        after the shared headers."""
         key = key or name
         kernel = self._built.get(key)
         if kernel is None:
             if self.backend == "metal":
-                header = _source("bonsai_metal.h") + _source("bonsai_decode.h")
+                header = _source("bonsai_metal.h") + _source("bonsai_decode.h") + header
                 extra = {"atomic_outputs": False}
                 source = _source(f"packed_{name}.metal")
             else:
-                header = _source("bonsai_decode.h") + _source("bonsai_cuda.cuh")
-                if name == "wgmma":
-                    header += _source("bonsai_wgmma.cuh")
+                header = _source("bonsai_decode.h") + _source("bonsai_cuda.cuh") + header
                 extra = {"shared_memory": shared_memory} if shared_memory else {}
                 source = _source(f"packed_{name}.cu")
             kernel = self.factory(
@@ -195,7 +194,8 @@ class KernelSet:
         # The x ring (or the epilogue tile, if larger) plus 1 KiB to align it to 1024 bytes.
         smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
-                              key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem)
+                              key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
+                              header=_wgmma_header(2 * threads))
         return kernel(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
@@ -281,6 +281,19 @@ class KernelSet:
 
 
 _KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
+
+
+@functools.cache
+def _wgmma_header(threads_per_sm: int) -> str:
+    """The wgmma helpers, then a cap on the kernel's registers that lets `threads_per_sm` threads
+    share an SM (what __launch_bounds__ would say). mx.fast.cuda_kernel writes the kernel's
+    declaration itself, so the cap comes in through the `__global__` macro it uses, redefined
+    with __maxnreg__ (CUDA >= 12.4; without it, no cap). Uncapped, ptxas gives the ternary tiles
+    about 160 registers, i.e. one block per SM instead of two."""
+    regs = min(255, 65536 // threads_per_sm // 8 * 8)
+    return _source("bonsai_wgmma.cuh") + (
+        "#ifdef __maxnreg__\n#undef __global__\n"
+        f"#define __global__ __location__(global) __maxnreg__({regs})\n#endif\n")
 
 
 def kernel_set(backend: str, factory: Callable[..., Any] | None = None) -> KernelSet:

@@ -310,12 +310,14 @@ class FakeCudaFactory:
     """Stands in for mx.fast.cuda_kernel (dynamic shared memory, no atomic outputs)."""
 
     def __init__(self):
-        self.built, self.launches = [], []
+        self.built, self.launches, self.headers = [], [], {}
 
     def __call__(self, *, name, input_names, output_names, source, header, ensure_row_contiguous,
                  shared_memory=0):
         self.built.append((name, shared_memory))
+        self.headers[name] = header
         assert ensure_row_contiguous and ("bonsai_wgmma_rs" in header) == (name == "bonsai_wgmma")
+        assert ("__maxnreg__" in header) == (name == "bonsai_wgmma")
 
         def launch(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                    init_value=None):
@@ -372,6 +374,9 @@ def test_wgmma_launch(fake_hopper, kind, m):
     # The x ring (or the epilogue tile) plus the 1 KiB alignment slack.
     smem = max(stages * 128 * 128, 128 * (256 + 16)) + 1024
     assert ("bonsai_wgmma", smem) in fake_hopper.built
+    # Two 256-thread blocks per SM: the kernel's declaration is capped at 65536 / 512 registers.
+    cap = "#define __global__ __location__(global) __maxnreg__(128)\n"
+    assert cap in fake_hopper.headers["bonsai_wgmma"]
     if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
         planes = fake_hopper.launches[-2]
         assert planes[0] == "bonsai_planes" and planes[4] == (n, K // 16)
