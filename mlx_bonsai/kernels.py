@@ -83,8 +83,9 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs binary weights take the wgmma GEMM past the GEMV instead: a step ran within 5%
 # of the scratch step's time (inside the run-to-run spread) at 30% less step memory, since no
 # dense weights are ever written. Ternary ones keep the thresholds: their wgmma path (base-3 to
-# planes per call) wins most large calls alone but was 7-8% slower in the eager step; it does
-# cut the low-memory step's peak by 0.6-0.8 GB. tune() or MLX_BONSAI_KERNELS=wgmma select it.
+# planes per call) wins most large calls alone but was 1-5% slower in the eager step (H200,
+# 512^2 and 1024^2), though it cuts the low-memory step's peak by 0.5-0.6 GB. tune() or
+# MLX_BONSAI_KERNELS=wgmma select it.
 _WGMMA_KINDS = ("binary",)
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
@@ -214,7 +215,7 @@ class KernelSet:
         return self._kernel("planes", ["weight"], "planes")(
             inputs=[weight],
             template=[],
-            grid=(n * k // 16, 1, 1),
+            grid=(n * k // GROUP_SIZE, 1, 1),
             threadgroup=(_DECODE_THREADS, 1, 1),
             output_shapes=[(n, k // 16)],
             output_dtypes=[mx.uint32],

@@ -44,7 +44,7 @@ int main() {
   std::vector<uint32_t> words(size_t(n) * (k / 16));  // ternary: planes; binary: the words
   if (kind) {
     const Shape shape{{n, row_bytes}};
-    const unsigned threads = unsigned(n) * unsigned(k / 16);
+    const unsigned threads = unsigned(n) * unsigned(k / 128);  // one per group, as launched
     for (unsigned i = 0; i < threads; ++i) {
       planes_thread(packed.data(), shape, words.data(), dim3{i / 256, 0, 0}, dim3{256, 1, 1},
                     dim3{i % 256, 0, 0});

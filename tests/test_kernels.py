@@ -380,4 +380,4 @@ def test_wgmma_launch(fake_hopper, kind, m):
     if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
         planes = fake_hopper.launches[-2]
         assert planes[0] == "bonsai_planes" and planes[4] == (n, K // 16)
-        assert planes[5] == mx.uint32 and planes[2] == (n * K // 16, 1, 1)
+        assert planes[5] == mx.uint32 and planes[2] == (n * K // 128, 1, 1)
