@@ -2,8 +2,8 @@
 
 One object holds the loaded components between calls; prompt embeddings are cached per
 prompt. `low_memory=True` keeps only what the current phase needs resident: the text encoder
-is dropped after encoding, the transformer before decoding, each transformer block is computed
-before the next is built, and the VAE decodes in tiles.
+is dropped after encoding, the transformer before decoding, each half transformer block
+(attention, then MLP) is computed before the next is built, and the VAE decodes in tiles.
 """
 
 from __future__ import annotations

@@ -328,18 +328,26 @@ class DoubleBlock(nn.Module):
         self.ff = FeedForward(cfg.dim, cfg.mlp_dim)
         self.ff_context = FeedForward(cfg.dim, cfg.mlp_dim)
 
-    def __call__(self, x, c, mod_img, mod_txt, cos, sin) -> tuple[mx.array, mx.array]:
-        shift, scale, gate, shift2, scale2, gate2 = mod_img
-        c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = mod_txt
-        eps = self.eps
-        attn_x, attn_c = self.attn(
-            modulate(x, shift, scale, eps), modulate(c, c_shift, c_scale, eps), cos, sin
-        )
-        x = gated_add(x, gate, attn_x)
-        x = gated_add(x, gate2, self.ff(modulate(x, shift2, scale2, eps)))
-        c = gated_add(c, c_gate, attn_c)
-        c = gated_add(c, c_gate2, self.ff_context(modulate(c, c_shift2, c_scale2, eps)))
+    def __call__(
+        self, x, c, mod_img, mod_txt, cos, sin, evaluate: bool = False
+    ) -> tuple[mx.array, mx.array]:
+        """evaluate: compute the attention half before building the feed-forward half, so that
+        the step's peak holds one half's temporaries, not both (see Transformer.__call__)."""
+        x, c = self._attention(x, c, mod_img[:3], mod_txt[:3], cos, sin)
+        if evaluate:
+            mx.eval(x, c)
+        (shift, scale, gate), (c_shift, c_scale, c_gate) = mod_img[3:], mod_txt[3:]
+        x = gated_add(x, gate, self.ff(modulate(x, shift, scale, self.eps)))
+        c = gated_add(c, c_gate, self.ff_context(modulate(c, c_shift, c_scale, self.eps)))
         return x, c
+
+    def _attention(self, x, c, mod_img, mod_txt, cos, sin) -> tuple[mx.array, mx.array]:
+        # A method of its own: its temporaries have no Python references left when it returns.
+        (shift, scale, gate), (c_shift, c_scale, c_gate) = mod_img, mod_txt
+        attn_x, attn_c = self.attn(
+            modulate(x, shift, scale, self.eps), modulate(c, c_shift, c_scale, self.eps), cos, sin
+        )
+        return gated_add(x, gate, attn_x), gated_add(c, c_gate, attn_c)
 
 
 class ParallelAttention(nn.Module):
@@ -354,13 +362,23 @@ class ParallelAttention(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_out = quant.Linear(dim + mlp_dim, dim)
 
-    def __call__(self, s: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    def __call__(
+        self, s: mx.array, cos: mx.array, sin: mx.array, evaluate: bool = False
+    ) -> mx.array:
+        """evaluate: compute the attention output and the MLP hidden state first, which frees
+        the fused projection's output (the block's largest temporary) before the output half."""
+        out, hidden = self._attention_and_mlp(s, cos, sin)
+        if evaluate:
+            mx.eval(out, hidden)
+        return self.to_out(mx.concatenate([out, hidden], axis=-1))
+
+    def _attention_and_mlp(self, s, cos, sin) -> tuple[mx.array, mx.array]:
+        # A method of its own: the split views of the projection die when it returns.
         q, k, v, gate, up = mx.split(self.to_qkv_mlp_proj(s), self._split, axis=-1)
         h = self.heads
         q = apply_rope(_heads(q, h, self.norm_q), cos, sin)
         k = apply_rope(_heads(k, h, self.norm_k), cos, sin)
-        out = attention(q, k, _value_heads(v, h))
-        return self.to_out(mx.concatenate([out, swiglu(gate, up)], axis=-1))
+        return attention(q, k, _value_heads(v, h)), swiglu(gate, up)
 
 
 class SingleBlock(nn.Module):
@@ -371,9 +389,11 @@ class SingleBlock(nn.Module):
             cfg.dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_dim, cfg.eps
         )
 
-    def __call__(self, s, mod, cos, sin) -> mx.array:
+    def __call__(self, s, mod, cos, sin, evaluate: bool = False) -> mx.array:
         shift, scale, gate = mod
-        return gated_add(s, gate, self.attn(modulate(s, shift, scale, self.eps), cos, sin))
+        return gated_add(
+            s, gate, self.attn(modulate(s, shift, scale, self.eps), cos, sin, evaluate)
+        )
 
 
 class OutputNorm(nn.Module):
@@ -421,11 +441,11 @@ class Transformer(nn.Module):
         """Velocity (B, N_img, out) for image tokens x (B, N_img, in), text context
         (B, N_txt, joint_attention_dim), timestep sigma (B,) in [0, 1], RoPE tables from `rope`.
 
-        evaluate_blocks: compute each block before the next is built. MLX keeps the buffers an
-        operation reads until the GPU has finished the batch of work it was sent with, so an
-        unevaluated step holds several blocks' temporaries at once; evaluating per block bounds
-        the step's peak memory by one block's (costs a CPU-GPU round trip per block; not inside
-        mx.compile)."""
+        evaluate_blocks: compute each block, in two halves, before the next is built. MLX keeps
+        the buffers an operation reads until the GPU has finished the batch of work it was sent
+        with, so an unevaluated step holds several blocks' temporaries at once; evaluating per
+        half block bounds the step's peak memory by one half's (costs two CPU-GPU round trips
+        per block; not inside mx.compile)."""
         cos, sin = rope
         # diffusers scales sigma by 1000 in the hidden dtype (this rounds it in bf16).
         temb = self.time_guidance_embed(timestep.astype(x.dtype) * 1000)
@@ -436,13 +456,13 @@ class Transformer(nn.Module):
         x = self.x_embedder(x)
         c = self.context_embedder(context)
         for block in self.transformer_blocks:
-            x, c = block(x, c, mod_img, mod_txt, cos, sin)
+            x, c = block(x, c, mod_img, mod_txt, cos, sin, evaluate_blocks)
             if evaluate_blocks:
                 mx.eval(x, c)
         n_txt = c.shape[1]
         s = mx.concatenate([c, x], axis=1)
         for block in self.single_transformer_blocks:
-            s = block(s, mod_single, cos, sin)
+            s = block(s, mod_single, cos, sin, evaluate_blocks)
             if evaluate_blocks:
                 mx.eval(s)
         return self.proj_out(self.norm_out(s[:, n_txt:], temb))
