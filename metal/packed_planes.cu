@@ -6,10 +6,10 @@
 //
 // Thread i converts group i of the matrix (row i / groups; rows are contiguous, so its 26 bytes
 // start at byte 26 i, read as 13 two-byte loads: weight and its row slices start at even bytes)
-// into its 8 words. This pass runs before every ternary wgmma call, so it is
-// kept to about 5 integer operations a weight: each base-3 digit costs a multiply-shift and a
-// multiply-add into a word of 2-bit fields, and per run a few whole-word bit operations turn
-// the fields into the two planes.
+// into its 8 words. This pass runs before every ternary wgmma call, so it is kept to about 5
+// integer operations a weight: each base-3 digit costs a multiply-shift and a multiply-add into
+// a word of 2-bit fields, and per run a few whole-word bit operations turn the fields into the
+// two planes.
 // MLX generates the signature (weight, weight_shape, planes).
 //   grid (N * K / 128, 1, 1), threadgroup (256, 1, 1)
 
