@@ -80,13 +80,14 @@ _DECODE_THREADS = 256
 # Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
-# On Hopper GPUs binary weights take the wgmma GEMM past the GEMV instead: a step ran within 5%
-# of the scratch step's time (inside the run-to-run spread) at 30% less step memory, since no
-# dense weights are ever written. Ternary ones keep the thresholds: their wgmma path (base-3 to
-# planes per call) wins most large calls alone but was 1-5% slower in the eager step (H200,
-# 512^2 and 1024^2), though it cuts the low-memory step's peak by 0.5-0.6 GB. tune() or
-# MLX_BONSAI_KERNELS=wgmma select it.
-_WGMMA_KINDS = ("binary",)
+# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to; None: no
+# bound). Binary: everything past the GEMV; a step ran within 5% of the scratch step's time
+# (inside the run-to-run spread) at 30% less step memory, since no dense weights are ever
+# written. Ternary (base-3 -> planes per call, then the same GEMM): from 512 rows, where it
+# beats the GEMM and scratch call by call, up to 3072: the eager step at 512^2 (512-1536 rows)
+# ran 5% faster with it than with scratch, at 1024^2 (4096-4608 rows image and single-stream)
+# 4% slower (H200, BENCHMARKS.md).
+_WGMMA_ROWS = {"binary": (1, None), "ternary": (512, 3072)}
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
 # (two per SM) beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, and a 4-stage ring a
@@ -362,12 +363,13 @@ def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
 
 
 def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
-    """The strategy an untuned shape gets (see _THRESHOLDS and _WGMMA_KINDS)."""
+    """The strategy an untuned shape gets (see _THRESHOLDS and _WGMMA_ROWS)."""
     gemv_max, scratch_min = _THRESHOLDS[backend]
     ks = kernel_set(backend)
     if m <= gemv_max:
         return "gemv"
-    if kind in _WGMMA_KINDS and ks.supports("wgmma", dtype):
+    low, high = _WGMMA_ROWS[kind]
+    if low <= m and (high is None or m < high) and ks.supports("wgmma", dtype):
         return "wgmma"
     if m >= scratch_min or not ks.supports("gemm", dtype):
         return "scratch"

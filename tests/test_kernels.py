@@ -350,7 +350,9 @@ def fake_hopper(monkeypatch):
 @pytest.mark.parametrize("kind, m, dtype, strategy", [
     ("binary", 3, mx.bfloat16, "gemv"), ("binary", 70, mx.bfloat16, "wgmma"),
     ("binary", 600, mx.float16, "wgmma"), ("binary", 600, mx.float32, "scratch"),
-    ("ternary", 70, mx.bfloat16, "gemm"), ("ternary", 600, mx.bfloat16, "scratch"),
+    ("ternary", 70, mx.bfloat16, "gemm"), ("ternary", 511, mx.bfloat16, "gemm"),
+    ("ternary", 512, mx.bfloat16, "wgmma"), ("ternary", 3071, mx.float16, "wgmma"),
+    ("ternary", 3072, mx.bfloat16, "scratch"), ("ternary", 600, mx.float32, "scratch"),
 ])
 def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy):
     assert kernels.default_strategy("cuda", kind, m, dtype) == strategy
