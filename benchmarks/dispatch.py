@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 
 import mlx.core as mx
-from step import kernel_summary, trace_problem  # benchmarks/ is on sys.path when run as a script
+from kernels import NK  # benchmarks/kernels.py (on sys.path when run as a script): the shapes
+from step import kernel_summary, trace_problem
 
 from mlx_bonsai import kernels, quant
-
-NK = [(3072, 3072), (9216, 3072), (18432, 3072), (27648, 3072), (3072, 9216), (3072, 12288)]
 
 
 def build_us(fn: Callable[[], mx.array], calls: int = 200) -> float:
