@@ -2,10 +2,10 @@
 //
 // Register arithmetic plus one templated byte load (bonsai_ternary_bytes4), nothing specific to
 // a language, so the same text compiles as Metal Shading Language, as CUDA C++ (NVRTC) and as
-// host C++. The kernels stage weights in runs of 16
-// consecutive inputs of one row (a run never crosses a 128-wide scale group) and turn the raw
-// bits of a run into 16 codes c in {-1, 0, +1}; the weight is c * scale of the group. The GEMV
-// reads ternary rows by byte pairs instead (below), where every digit has a fixed position.
+// host C++. The kernels stage weights in runs of 16 consecutive inputs of one row (a run never
+// crosses a 128-wide scale group) and turn the raw bits of a run into 16 codes c in {-1, 0, +1};
+// the weight is c * scale of the group. The GEMV reads ternary rows by byte pairs instead
+// (below), where every digit has a fixed position.
 //
 // binary:  uint32 words, element k of a row is bit (k % 32) of word k / 32; bit 1 -> +1, 0 -> -1.
 // ternary: 26 bytes per group of 128; byte j holds elements 5j..5j+4 as base-3 digits

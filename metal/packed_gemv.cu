@@ -1,9 +1,9 @@
 // CUDA twin of packed_gemv.metal for mx.fast.cuda_kernel: same ownership (a block of 4 warps
 // streams ROWS W rows once; thread t takes the 16-input runs t, t + 128, ... of binary rows, the
 // byte pairs t, t + 128, ... of ternary ones), same decode and edge rules; warp shuffles stand in
-// for simd_sum, and binary rows read x with 16-byte loads. MLX generates
-// the signature (x, x_shape, weight, weight_shape, scales, out) and defines template T, S,
-// TERNARY, MR, ROWS as constants.
+// for simd_sum, and binary rows read x with 16-byte loads. MLX generates the signature (x,
+// x_shape, weight, weight_shape, scales, out) and defines template T, S, TERNARY, MR, ROWS as
+// constants.
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 
 __shared__ float partial[4 * ROWS * MR];
