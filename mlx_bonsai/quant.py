@@ -85,25 +85,32 @@ class Linear(nn.Module):
         self.scales = mx.zeros((n_out, n_in // group_size), dtype=scale_dtype)
         self.storage, self.bits, self.group_size = storage, bits, group_size
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, outputs: tuple[int, int] | None = None) -> mx.array:
+        """x @ W^T; `outputs` = (start, stop): only those output features (every storage keeps
+        one row per output feature, so this multiplies a view of the rows, no copy)."""
         if self.storage == "dense":
-            return x @ self.weight.T
-        return packed_matmul(x, self)
+            return x @ _rows(self.weight, outputs).T
+        return packed_matmul(x, self, outputs)
 
 
-def packed_matmul(x: mx.array, layer: Linear) -> mx.array:
-    """x @ W^T for a non-dense `layer`, in x's dtype: stock `mx.quantized_matmul` for affine
-    layers, `kernels.packed_matmul` (Metal / CUDA kernels, or the pure-MLX reference) for
-    bonsai-packed ones."""
+def _rows(a: mx.array, outputs: tuple[int, int] | None) -> mx.array:
+    return a if outputs is None else a[outputs[0]:outputs[1]]
+
+
+def packed_matmul(x: mx.array, layer: Linear, outputs: tuple[int, int] | None = None) -> mx.array:
+    """x @ W^T (output features `outputs` only, if given) for a non-dense `layer`, in x's dtype:
+    stock `mx.quantized_matmul` for affine layers, `kernels.packed_matmul` (Metal / CUDA
+    kernels, or the pure-MLX reference) for bonsai-packed ones."""
+    weight, scales = _rows(layer.weight, outputs), _rows(layer.scales, outputs)
     if layer.storage == "affine":
         dtype = x.dtype if affine_accumulates_in_float(x.dtype) else mx.float32
         y = mx.quantized_matmul(
-            x.astype(dtype), layer.weight, layer.scales.astype(dtype),
-            layer.biases.astype(dtype), transpose=True, group_size=layer.group_size,
-            bits=layer.bits,
+            x.astype(dtype), weight, scales.astype(dtype),
+            _rows(layer.biases, outputs).astype(dtype), transpose=True,
+            group_size=layer.group_size, bits=layer.bits,
         )
         return y.astype(x.dtype)
-    return kernels.packed_matmul(x, layer.weight, layer.scales, layer.storage, layer.group_size)
+    return kernels.packed_matmul(x, weight, scales, layer.storage, layer.group_size)
 
 
 @functools.cache

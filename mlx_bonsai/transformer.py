@@ -356,7 +356,7 @@ class ParallelAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_dim: int, eps: float):
         super().__init__()
         self.heads = heads
-        self._split = (dim, 2 * dim, 3 * dim, 3 * dim + mlp_dim)
+        self._qkv = 3 * dim  # output features [0, 3 dim) are q, k, v; the rest gate, up
         self.to_qkv_mlp_proj = quant.Linear(dim, 3 * dim + 2 * mlp_dim)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
@@ -365,20 +365,30 @@ class ParallelAttention(nn.Module):
     def __call__(
         self, s: mx.array, cos: mx.array, sin: mx.array, evaluate: bool = False
     ) -> mx.array:
-        """evaluate: compute the attention output and the MLP hidden state first, which frees
-        the fused projection's output (the block's largest temporary) before the output half."""
-        out, hidden = self._attention_and_mlp(s, cos, sin)
+        """evaluate: compute the MLP half of the fused projection, then its attention half, each
+        evaluated on its own, so that the projection's output (the block's largest temporary)
+        never exists whole."""
+        proj, qkv = self.to_qkv_mlp_proj, self._qkv
         if evaluate:
-            mx.eval(out, hidden)
+            hidden = self._mlp(proj(s, outputs=(qkv, proj.out_features)))
+            mx.eval(hidden)
+            out = self._attention(proj(s, outputs=(0, qkv)), cos, sin)
+            mx.eval(out)
+        else:
+            y = proj(s)
+            out, hidden = self._attention(y[..., :qkv], cos, sin), self._mlp(y[..., qkv:])
         return self.to_out(mx.concatenate([out, hidden], axis=-1))
 
-    def _attention_and_mlp(self, s, cos, sin) -> tuple[mx.array, mx.array]:
-        # A method of its own: the split views of the projection die when it returns.
-        q, k, v, gate, up = mx.split(self.to_qkv_mlp_proj(s), self._split, axis=-1)
+    def _attention(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        q, k, v = mx.split(qkv, 3, axis=-1)
         h = self.heads
         q = apply_rope(_heads(q, h, self.norm_q), cos, sin)
         k = apply_rope(_heads(k, h, self.norm_k), cos, sin)
-        return attention(q, k, _value_heads(v, h)), swiglu(gate, up)
+        return attention(q, k, _value_heads(v, h))
+
+    @staticmethod
+    def _mlp(gate_up: mx.array) -> mx.array:
+        return swiglu(*mx.split(gate_up, 2, axis=-1))
 
 
 class SingleBlock(nn.Module):
@@ -441,11 +451,11 @@ class Transformer(nn.Module):
         """Velocity (B, N_img, out) for image tokens x (B, N_img, in), text context
         (B, N_txt, joint_attention_dim), timestep sigma (B,) in [0, 1], RoPE tables from `rope`.
 
-        evaluate_blocks: compute each block, in two halves, before the next is built. MLX keeps
-        the buffers an operation reads until the GPU has finished the batch of work it was sent
-        with, so an unevaluated step holds several blocks' temporaries at once; evaluating per
-        half block bounds the step's peak memory by one half's (costs two CPU-GPU round trips
-        per block; not inside mx.compile)."""
+        evaluate_blocks: compute each block, in two or three parts, before the next is built.
+        MLX keeps the buffers an operation reads until the GPU has finished the batch of work it
+        was sent with, so an unevaluated step holds several blocks' temporaries at once;
+        evaluating per part bounds the step's peak memory by one part's (costs a CPU-GPU round
+        trip per part; not inside mx.compile)."""
         cos, sin = rope
         # diffusers scales sigma by 1000 in the hidden dtype (this rounds it in bf16).
         temb = self.time_guidance_embed(timestep.astype(x.dtype) * 1000)
@@ -461,6 +471,7 @@ class Transformer(nn.Module):
                 mx.eval(x, c)
         n_txt = c.shape[1]
         s = mx.concatenate([c, x], axis=1)
+        del x, c  # s holds the streams now: no second copy through the single blocks
         for block in self.single_transformer_blocks:
             s = block(s, mod_single, cos, sin, evaluate_blocks)
             if evaluate_blocks:

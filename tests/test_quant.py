@@ -99,6 +99,11 @@ def test_forward_matches_float64(storage, dtype, n_in):
     x = mx.array(rng.standard_normal((2, 5, n_in)).astype(np.float32)).astype(dtype)
     ref = np.array(x.astype(mx.float32), dtype=np.float64) @ w.T
     assert rel_err(np.array(lin(x).astype(mx.float32)), ref) < TOL[dtype]
+    # A range of output features multiplies those rows only (the low-memory single block).
+    for start, stop in ((0, 7), (7, N_OUT), (13, 14)):
+        y = lin(x, outputs=(start, stop))
+        assert y.shape == (2, 5, stop - start)
+        assert rel_err(np.array(y.astype(mx.float32)), ref[..., start:stop]) < TOL[dtype]
 
 
 @pytest.mark.parametrize("storage", ["binary", "ternary"])
