@@ -44,11 +44,10 @@ NK = [(3072, 3072), (9216, 3072), (18432, 3072), (27648, 3072), (3072, 9216), (3
 MS = [1, 64, 1536, 4608]
 TOLERANCE = 1e-2
 
-SWEEP = [  # (M, N, K, scratch_bytes): ragged M and N (N % 4 != 0: the GEMV's 4-row blocks too),
-    # K multiples of 128 but not of 512
-    (1, 201, 384, None), (2, 202, 384, None), (3, 3001, 640, None), (5, 74, 1152, None),
-    (64, 203, 384, None), (70, 201, 384, 2**14), (135, 3003, 640, None), (300, 74, 384, 2**12),
-    (129, 1035, 3072, None),
+SWEEP = [  # (M, N, K): ragged M and N (N % 4 != 0: the GEMV's 4-row blocks too), K multiples
+    # of 128 but not of 512
+    (1, 201, 384), (2, 202, 384), (3, 3001, 640), (5, 74, 1152), (64, 203, 384), (70, 201, 384),
+    (135, 3003, 640), (300, 74, 384), (129, 1035, 3072),
 ]
 
 
@@ -64,27 +63,22 @@ def inputs(kind, m, n, k, dtype, scale_dtype, seed):
     return x, weight, scales
 
 
-def candidates(ks, m, dtype, extra_tiles=(), extra_scratch_mb=(), extra_wgmma=()):
-    """{label: fn(x, weight, scales, kind, init_value, scratch_bytes)} worth running at m rows.
+def candidates(ks, m, dtype, extra_tiles=(), extra_wgmma=()):
+    """{label: fn(x, weight, scales, kind, init_value)} worth running at m rows.
 
     extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_wgmma
-    wgmma variants with other (BM, WG, STAGES) (wgmma@BMxWGxSTAGES), extra_scratch_mb scratch
-    variants with another budget (scratch@MB, for m >= 1536 only)."""
+    wgmma variants with other (BM, WG, STAGES) (wgmma@BMxWGxSTAGES)."""
     out = {s: functools.partial(ks.run, s) for s in STRATEGIES
            if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
     for strategy, tiles in (("gemm", extra_tiles), ("wgmma", extra_wgmma)):
         for tile in tiles if strategy in out else ():
             out[f"{strategy}@" + "x".join(map(str, tile))] = functools.partial(
                 ks.run, strategy, variant=tile)
-    for mb in extra_scratch_mb if m >= 1536 else ():
-        def scratch(x, w, s, kind, init_value=None, scratch_bytes=None, mb=mb):
-            return ks.run("scratch", x, w, s, kind, init_value, mb * 2**20)
-        out[f"scratch@{mb}"] = scratch
     return out
 
 
-def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=None,
-          extra=((), ()), misaligned=False):
+def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra=((), ()),
+          misaligned=False):
     x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
     ref = reference(x, weight, scales, kind)
     if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
@@ -93,8 +87,7 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, scratch_bytes=N
     for s, fn in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":
             continue  # MLX's CUDA matmul itself rejects such x (cuBLASLt error 15), dense too
-        y = fn(x, weight, scales, kind, init_value=math.nan,
-               scratch_bytes=scratch_bytes or kernels.SCRATCH_BYTES)
+        y = fn(x, weight, scales, kind, init_value=math.nan)
         err = relative_error(y, ref)
         errs[s] = err
         if not err <= TOLERANCE:
@@ -112,12 +105,12 @@ def run_checks(ks, extra):
                 errs = check(ks, failures, kind, m, n, k, mx.bfloat16, mx.bfloat16, seed,
                              extra=extra)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype="bfloat16", errors=errs))
-    for i, (m, n, k, sb) in enumerate(SWEEP):
+    for i, (m, n, k) in enumerate(SWEEP):
         for dtype in (mx.bfloat16, mx.float16, mx.float32):
             for kind in KINDS:
                 seed += 1
                 scale_dtype = mx.float16 if dtype == mx.float16 else mx.bfloat16
-                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, sb, extra,
+                errs = check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra,
                              misaligned=i % 2 == 1)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs,
                                 misaligned=i % 2 == 1))
@@ -233,14 +226,12 @@ def main() -> int:
                    help="also check and time the GEMM with this tile")
     p.add_argument("--wgmma-tile", action="append", default=[], metavar="BM,WG,STAGES",
                    help="also check and time the wgmma kernel with this tile (Hopper)")
-    p.add_argument("--scratch-mb", type=int, nargs="+", default=[],
-                   help="also time scratch with these budgets (MiB) at M >= 1536")
     p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
     p.add_argument("--no-check", action="store_true", help="timing only")
     args = p.parse_args()
     extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
     extra_wgmma = [tuple(int(v) for v in t.split(",")) for t in args.wgmma_tile]
-    extra = (extra_tiles, args.scratch_mb, extra_wgmma)
+    extra = (extra_tiles, extra_wgmma)
     backend = kernels._device_backend()
     if backend is None:
         print("benchmarks/kernels.py needs MLX on a Metal or CUDA GPU", file=sys.stderr)
@@ -262,8 +253,7 @@ def main() -> int:
     rows = [] if args.check_only else run_timing(ks, extra)
     if rows:
         labels = (list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
-                  + ["wgmma@" + "x".join(map(str, t)) for t in extra_wgmma]
-                  + [f"scratch@{mb}" for mb in args.scratch_mb])
+                  + ["wgmma@" + "x".join(map(str, t)) for t in extra_wgmma])
         print_table(rows, labels)
     if args.json:
         with open(args.json, "w") as f:

@@ -71,8 +71,7 @@ CODES = {"dense": "binary", "binary": "binary", "ternary": "ternary"}
 SEEDS = {"common": 0, "binary": 1, "ternary": 2, "inputs": 3}
 SIGMA = 0.7
 WARMUP = 2
-ENV_VARS = ("MLX_BONSAI_KERNELS", "MLX_BONSAI_SCRATCH_MB", "MLX_MAX_MB_PER_BUFFER",
-            "MLX_MAX_OPS_PER_BUFFER")
+ENV_VARS = ("MLX_BONSAI_KERNELS", "MLX_MAX_MB_PER_BUFFER", "MLX_MAX_OPS_PER_BUFFER")
 BF16 = mx.bfloat16
 WHATS = ("step", "double", "single")
 MODES = ("eager", "unfused", "blocks", "compiled")

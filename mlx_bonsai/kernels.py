@@ -15,8 +15,10 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
              streamed through a ring of 128B-swizzled shared-memory stages by cp.async
              (metal/packed_wgmma.cu; ternary weights first become 2-bit planes per call,
              metal/packed_planes.cu). No Metal twin: Apple GPUs have no such instruction.
-- "scratch": decode W into a dense scratch of at most ~32 MiB (chunked over N, outputs
-             concatenated) and use MLX's own matmul (metal/packed_decode.*).
+- "scratch": decode W to a dense copy in one pass and use MLX's own matmul
+             (metal/packed_decode.*). The copy lives until the GPU has run the call; decoding
+             in chunks would not bound that, as MLX keeps every chunk of a lazily built call
+             until the GPU has run them all (BENCHMARKS.md).
 - "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
              (MLX_BONSAI_KERNELS=reference) and the fallback.
 
@@ -27,9 +29,7 @@ variant in a process, a self-check compares it with the reference on random data
 fails (wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from
 then on.
 
-Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | wgmma | scratch;
-MLX_BONSAI_SCRATCH_MB = the scratch budget (default 32; on an H100, 128 brings M = 4608 from
-1.3-1.6x to 1.03-1.13x of a bf16 matmul at these shapes, see BENCHMARKS.md).
+Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | wgmma | scratch.
 
 Harness contract (running the Metal sources without a Mac): every Metal kernel is created by
 `factory(name=, input_names=, output_names=, source=, header=, ensure_row_contiguous=,
@@ -63,9 +63,7 @@ from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
 
 KINDS = ("binary", "ternary")
 STRATEGIES = ("gemv", "gemm", "wgmma", "scratch")
-SCRATCH_BYTES = 32 * 2**20  # default; MLX_BONSAI_SCRATCH_MB overrides
 ENV_VAR = "MLX_BONSAI_KERNELS"
-SCRATCH_ENV_VAR = "MLX_BONSAI_SCRATCH_MB"
 SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -252,30 +250,20 @@ class KernelSet:
         )[0]
 
     def scratch(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-                init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES) -> mx.array:
-        """Decode at most ~`scratch_bytes` of dense rows at a time and multiply with MLX.
-
-        Chunks are balanced and a multiple of 128 rows (but the last): an odd N makes MLX's
-        CUDA matmul take a far slower path (measured 7x at N = 5461).
-        """
-        n, k = weight.shape[0], x.shape[1]
-        most = max(128, scratch_bytes // (k * x.dtype.size) // 128 * 128)
-        chunks = math.ceil(n / most)
-        rows = min(most, math.ceil(n / chunks / 128) * 128)
-        outs = [
-            x @ self.decode(weight[r:r + rows], scales[r:r + rows], ternary, x.dtype, init_value).T
-            for r in range(0, n, rows)
-        ]
-        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+                init_value: float | None = None) -> mx.array:
+        """Decode W to dense in x's dtype, then MLX's matmul. One pass, not chunks over N: on an
+        H200, 32 MiB chunks held as much memory per call as the whole decode (MLX frees them
+        when the GPU has run the call) plus a concatenated copy of the output, and ran
+        1.1-1.4x slower at M = 4608 (BENCHMARKS.md)."""
+        return x @ self.decode(weight, scales, ternary, x.dtype, init_value).T
 
     def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
-            init_value: float | None = None, scratch_bytes: int = SCRATCH_BYTES,
-            variant: tuple | None = None) -> mx.array:
+            init_value: float | None = None, variant: tuple | None = None) -> mx.array:
         """x [M, K] @ W^T with one strategy; `variant` (see variant()) defaults to the one this
         shape gets."""
         ternary = kind == "ternary"
         if strategy == "scratch":
-            return self.scratch(x, weight, scales, ternary, init_value, scratch_bytes)
+            return self.scratch(x, weight, scales, ternary, init_value)
         if strategy not in ("gemv", "gemm", "wgmma"):
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         variant = variant or self.variant(strategy, x.shape[0])
@@ -415,15 +403,6 @@ def _mode() -> str:
     return mode
 
 
-def _scratch_bytes() -> int:
-    value = os.environ.get(SCRATCH_ENV_VAR, "").strip()
-    if not value:
-        return SCRATCH_BYTES
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{SCRATCH_ENV_VAR}={value!r}: give the scratch budget in MiB, e.g. 32")
-    return int(value) * 2**20
-
-
 def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
                  group_size: int, strategy: str | None, factory: Callable[..., Any] | None,
                  init_value: float | None) -> mx.array:
@@ -438,8 +417,7 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
 def _launch(ks: KernelSet, strategy: str, x: mx.array, weight: mx.array, scales: mx.array,
             kind: str, n: int, k: int, init_value: float | None = None) -> mx.array:
     """x [..., K] @ W^T by `strategy` on checked inputs."""
-    scratch = _scratch_bytes() if strategy == "scratch" else SCRATCH_BYTES
-    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value, scratch)
+    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -497,8 +475,7 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
         return _CHECKED[key]
     # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N
     # (202: not a multiple of the GEMV's 4 or the GEMMs' 64 rows), K = 3 groups (not a multiple
-    # of the GEMV's 2048-wide sweep; more K-steps than the wgmma ring has stages), several
-    # scratch chunks.
+    # of the GEMV's 2048-wide sweep; more K-steps than the wgmma ring has stages).
     if strategy == "gemv":
         rows = 2 * variant[0] - 1
     elif strategy in ("gemm", "wgmma"):
@@ -511,7 +488,7 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
     try:
         y = ks.run(strategy, x, weight, scales, kind, init_value=math.nan,
-                   scratch_bytes=64 * k * dtype.size, variant=variant or None)
+                   variant=variant or None)
         ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
         err = relative_error(y, ref)
         reason = f"relative error {err:.3g} > {SELF_CHECK_TOLERANCE}"
@@ -592,7 +569,7 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
                                                             scale_dtype, m):
                 timings[strategy] = time_call(functools.partial(
-                    ks.run, strategy, x, weight, scales, kind, scratch_bytes=_scratch_bytes()))
+                    ks.run, strategy, x, weight, scales, kind))
         if timings:
             _TUNED[(backend, kind, dtype, m, n, k)] = min(timings, key=timings.get)
         results[(m, n, k)] = timings

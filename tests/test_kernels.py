@@ -158,7 +158,6 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     monkeypatch.setattr(kernels, "_CHECKED", {})
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.delenv(kernels.SCRATCH_ENV_VAR, raising=False)
 
     def install(answer):
         factory = FakeFactory(answer)
@@ -186,15 +185,13 @@ def test_dispatch_uses_a_kernel_that_passes_its_self_check(fake_gpu, recwarn, m,
     assert len(factory.launches) > n_launches and not recwarn.list
 
 
-def test_scratch_decodes_in_chunks_over_n(fake_gpu):
+def test_scratch_decodes_the_whole_weight_once(fake_gpu):
     factory = fake_gpu(correct_answer)
     weight, scales = kernels.random_packed("binary", 300, K)
     x = mx.random.normal((5, K))
-    ks = kernels.kernel_set("metal")
-    y = ks.run("scratch", x, weight, scales, "binary", scratch_bytes=128 * K * 4)
-    # Chunks of at most 128 rows, multiples of 128 but the last: 128 + 128 + 44.
-    grids = [launch[2][0] for launch in factory.launches]
-    assert grids == [128 * K // 16, 128 * K // 16, 44 * K // 16]
+    y = kernels.kernel_set("metal").run("scratch", x, weight, scales, "binary")
+    assert [(launch[0], launch[2][0]) for launch in factory.launches] == [
+        ("bonsai_decode", 300 * K // 16)]  # a thread per 16 weights of all 300 rows
     ref = kernels.reference_matmul(x, weight, scales, "binary")
     assert rel_err(np.array(y), np.array(ref)) <= 1e-6
 
@@ -253,24 +250,6 @@ def test_env_var_forces_the_reference_or_a_strategy(fake_gpu, monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR)
     with pytest.raises(BonsaiError, match="strategy"):
         kernels.packed_matmul(x, weight, scales, "binary", strategy="fastest")
-
-
-def test_scratch_budget_env_var(fake_gpu, monkeypatch):
-    factory = fake_gpu(correct_answer)
-    weight, scales = kernels.random_packed("binary", 3000, K)
-    x = mx.random.normal((600, K)).astype(mx.bfloat16)
-    monkeypatch.setenv(kernels.SCRATCH_ENV_VAR, "1")
-    kernels.packed_matmul(x, weight, scales, "binary")  # self-check, then the call
-    n = len(factory.launches)
-    y = kernels.packed_matmul(x, weight, scales, "binary")
-    # 1 MiB holds 1365 bf16 rows of K = 384: balanced chunks of 1024 rows.
-    assert [launch[2][0] for launch in factory.launches[n:]] == [1024 * K // 16] * 2 + [
-        952 * K // 16]
-    ref = kernels.reference_matmul(x, weight, scales, "binary")
-    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
-    monkeypatch.setenv(kernels.SCRATCH_ENV_VAR, "lots")
-    with pytest.raises(ConfigError, match=kernels.SCRATCH_ENV_VAR):
-        kernels.packed_matmul(x, weight, scales, "binary")
 
 
 def test_cuda_gemm_never_takes_float32(monkeypatch):
