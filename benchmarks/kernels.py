@@ -19,7 +19,9 @@ model calls them) of MLX's bf16 matmul (the ceiling), MLX's quantized_matmul wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import itertools
 import json
 import math
 import platform
@@ -114,18 +116,21 @@ def run_checks(ks, extra):
                              misaligned=i % 2 == 1)
                 log.append(dict(M=m, N=n, K=k, kind=kind, dtype=str(dtype), errors=errs,
                                 misaligned=i % 2 == 1))
-    # The dispatch: self-checks must pass (a warning is an error here) and answers must match.
+    # The dispatch: self-checks must pass (a warning is an error here) and answers must match,
+    # also inside fused_only() (the low-memory pipeline's choices).
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for dtype in (mx.bfloat16, mx.float16, mx.float32):
-            for kind in KINDS:
-                for m in (1, 3, 100, 1536):
-                    seed += 1
-                    x, weight, scales = inputs(kind, m, 3072, 3072, dtype, mx.bfloat16, seed)
-                    err = relative_error(kernels.packed_matmul(x, weight, scales, kind),
-                                         reference(x, weight, scales, kind))
-                    if not err <= TOLERANCE:
-                        failures.append(f"packed_matmul {kind} {dtype} M={m}: rel err {err}")
+        for dtype, kind, fused in itertools.product((mx.bfloat16, mx.float16, mx.float32), KINDS,
+                                                    (False, True)):
+            for m in (1, 3, 100, 1536, 4608):
+                seed += 1
+                x, weight, scales = inputs(kind, m, 3072, 3072, dtype, mx.bfloat16, seed)
+                with kernels.fused_only() if fused else contextlib.nullcontext():
+                    y = kernels.packed_matmul(x, weight, scales, kind)
+                err = relative_error(y, reference(x, weight, scales, kind))
+                if not err <= TOLERANCE:
+                    failures.append(f"packed_matmul {kind} {dtype} M={m} fused_only={fused}: "
+                                    f"rel err {err}")
     worst = max((e for row in log for e in row["errors"].values()), default=math.nan)
     print(f"checks: {sum(len(r['errors']) for r in log)} kernel runs + dispatch, "
           f"worst rel err {worst:.2e}, {len(failures)} failures")

@@ -21,8 +21,8 @@ bf16 activations):
 - step time: median of --repeats synchronous steps (`mx.eval(model(...))`, wall clock) after 2
   warm-up steps, per mode (--modes): eager (the model as the pipeline runs it: its elementwise
   chains compiled), unfused (the same with mx.disable_compile(): every operation its own kernel),
-  blocks (evaluate_blocks=True: the low-memory pipeline), compiled (the whole step in mx.compile;
-  a failed compile is recorded, the run goes on);
+  blocks (evaluate_blocks=True inside kernels.fused_only(): the low-memory pipeline), compiled
+  (the whole step in mx.compile; a failed compile is recorded, the run goes on);
 - memory: MLX active memory before a step (resident: weights and inputs) and the step's peak
   above it (max over the timed steps);
 - parity: max|a-b| / max|b| in float32 of each step's output against the eager dense step
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import json
 import os
@@ -190,6 +189,7 @@ def time_calls(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[dict[
     resident = mx.get_active_memory()
     times, peaks = [], []
     for _ in range(repeats):
+        mx.synchronize()  # the last call's buffers are released when the GPU has run it
         mx.reset_peak_memory()
         before = mx.get_active_memory()
         start = time.perf_counter()
@@ -361,7 +361,10 @@ def with_mode(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
     if mode == "compiled":
         return mx.compile(fn)
     if mode == "blocks":
-        return functools.partial(fn, evaluate_blocks=True)
+        def blocks(*args: Any) -> Any:
+            with kernels.fused_only():  # as the low-memory pipeline denoises
+                return fn(*args, evaluate_blocks=True)
+        return blocks
     if mode == "unfused":
         def unfused(*args: Any) -> Any:
             mx.disable_compile()  # while the graph is built: compiled helpers run as Python

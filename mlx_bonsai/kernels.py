@@ -18,7 +18,8 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
 - "scratch": decode W to a dense copy in one pass and use MLX's own matmul
              (metal/packed_decode.*). The copy lives until the GPU has run the call; decoding
              in chunks would not bound that, as MLX keeps every chunk of a lazily built call
-             until the GPU has run them all (BENCHMARKS.md).
+             until the GPU has run them all (BENCHMARKS.md), so `fused_only()` (the low-memory
+             pipeline) avoids this strategy where a fused kernel can run the shape.
 - "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
              (MLX_BONSAI_KERNELS=reference) and the fallback.
 
@@ -46,13 +47,15 @@ simdgroup_index_in_threadgroup, thread_index_in_simdgroup).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +81,34 @@ _DECODE_THREADS = 256
 # Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
-# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to; None: no
-# bound). Binary: everything past the GEMV; a step ran within 5% of the scratch step's time
-# (inside the run-to-run spread) at 30% less step memory, since no dense weights are ever
-# written. Ternary (base-3 -> planes per call, then the same GEMM): from 512 rows, where it
-# beats the GEMM and scratch call by call, up to 3072: the eager step at 512^2 (512-1536 rows)
-# ran 5% faster with it than with scratch, at 1024^2 (4096-4608 rows image and single-stream)
-# 4% slower (H200, BENCHMARKS.md).
-_WGMMA_ROWS = {"binary": (1, None), "ternary": (512, 3072)}
+# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Measured
+# call by call at the model's shapes (H200, BENCHMARKS.md): binary wgmma beats one-pass scratch
+# up to 1536 rows, is even at 3072 (+-7%) and 4-15% slower at 4608; ternary (base-3 -> planes
+# per call, then the same GEMM) beats the portable GEMM from 512 rows and scratch at 512-1024,
+# and is 5-28% slower than one-pass scratch from 1536. Eager steps, old rule -> this one:
+# binary 1024^2 1.21 -> 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x.
+_WGMMA_ROWS = {"binary": (1, 3072), "ternary": (512, 1536)}
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
 # (two per SM) beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, and a 4-stage ring a
 # 3-stage one (by 1-2% at each of the step's M, 512 to 4608).
 WGMMA_TILE = (128, 2, 4)
 _TUNED: dict[tuple, str] = {}
+_FUSED_ONLY = contextvars.ContextVar("mlx_bonsai_fused_only", default=False)
+
+
+@contextlib.contextmanager
+def fused_only() -> Iterator[None]:
+    """Inside: packed matmuls never decode weights to a dense copy (the "scratch" strategy)
+    where a fused kernel takes the shape (on CUDA, float32 activations have none). The
+    low-memory pipeline denoises in here: scratch holds a layer's whole dense weight until the
+    GPU has run the call (up to 170 MB for the model's largest), the fused kernels nothing.
+    Measured on the H200 only; on Apple GPUs the portable GEMM's speed is not measured."""
+    token = _FUSED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FUSED_ONLY.reset(token)
 
 
 @functools.cache
@@ -351,23 +368,29 @@ def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
 
 
 def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
-    """The strategy an untuned shape gets (see _THRESHOLDS and _WGMMA_ROWS)."""
+    """The strategy an untuned shape gets (see _THRESHOLDS, _WGMMA_ROWS and fused_only)."""
     gemv_max, scratch_min = _THRESHOLDS[backend]
     ks = kernel_set(backend)
     if m <= gemv_max:
         return "gemv"
     low, high = _WGMMA_ROWS[kind]
-    if low <= m and (high is None or m < high) and ks.supports("wgmma", dtype):
+    wgmma, gemm = ks.supports("wgmma", dtype), ks.supports("gemm", dtype)
+    if wgmma and low <= m < high:
         return "wgmma"
-    if m >= scratch_min or not ks.supports("gemm", dtype):
-        return "scratch"
-    return "gemm"
+    if gemm and m < scratch_min:
+        return "gemm"
+    if _FUSED_ONLY.get() and (wgmma or gemm):
+        return "wgmma" if wgmma else "gemm"
+    return "scratch"
 
 
 def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.Dtype) -> str:
-    """The measured winner for this shape if tune() ran for it, else the default."""
-    return (_TUNED.get((backend, kind, dtype, m, n, k))
-            or default_strategy(backend, kind, m, dtype))
+    """The measured winner for this shape if tune() ran for it (unless it is scratch inside
+    fused_only()), else the default."""
+    tuned = _TUNED.get((backend, kind, dtype, m, n, k))
+    if tuned and not (tuned == "scratch" and _FUSED_ONLY.get()):
+        return tuned
+    return default_strategy(backend, kind, m, dtype)
 
 
 @functools.cache

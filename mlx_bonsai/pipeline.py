@@ -8,6 +8,7 @@ is dropped after encoding, the transformer before decoding, each half transforme
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from . import __version__, kernels
 from .errors import BonsaiError, ConfigError
 from .scheduler import SchedulerConfig, euler_step, sigmas
 from .transformer import Transformer, image_ids, load_transformer, pack_latents, text_ids
@@ -309,14 +310,16 @@ class BonsaiPipeline:
         rope = model.rope(text_ids(embedding.shape[1]), image_ids(h, w))
         schedule = sigmas(self.scheduler, steps, h * w)
         x = pack_latents(noise.astype(self.dtype))
-        for i in range(steps):
-            # The reference passes sigma as (sigma * 1000 -> model dtype) / 1000; same rounding.
-            t = mx.array(schedule[i : i + 1] * 1000).astype(self.dtype) / 1000
-            velocity = model(x, embedding, t, rope, evaluate_blocks=self.low_memory)
-            x = euler_step(x, velocity, schedule[i], schedule[i + 1])
-            mx.eval(x)
-            if progress is not None:
-                progress(i)
+        # Low memory: packed layers never decode to dense copies (kernels.fused_only).
+        with kernels.fused_only() if self.low_memory else contextlib.nullcontext():
+            for i in range(steps):
+                # The reference passes sigma as (sigma * 1000 -> model dtype) / 1000: same rounding.
+                t = mx.array(schedule[i : i + 1] * 1000).astype(self.dtype) / 1000
+                velocity = model(x, embedding, t, rope, evaluate_blocks=self.low_memory)
+                x = euler_step(x, velocity, schedule[i], schedule[i + 1])
+                mx.eval(x)
+                if progress is not None:
+                    progress(i)
         return x
 
     def decode(self, tokens: mx.array, height: int, width: int) -> mx.array:

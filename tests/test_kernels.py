@@ -252,6 +252,31 @@ def test_env_var_forces_the_reference_or_a_strategy(fake_gpu, monkeypatch):
         kernels.packed_matmul(x, weight, scales, "binary", strategy="fastest")
 
 
+def test_fused_only_never_decodes_to_scratch(fake_gpu):
+    """Inside fused_only() (the low-memory pipeline) large M takes the fused GEMM, not a dense
+    decode; tuned scratch choices are skipped there too; outside, nothing changed."""
+    factory = fake_gpu(correct_answer)
+    weight, scales = kernels.random_packed("binary", N, K)
+    x = mx.random.normal((600, K)).astype(mx.bfloat16)
+    assert kernels.default_strategy("metal", "binary", 600, mx.bfloat16) == "scratch"
+    with kernels.fused_only():
+        assert kernels.default_strategy("metal", "binary", 600, mx.bfloat16) == "gemm"
+        assert kernels.default_strategy("metal", "binary", 3, mx.bfloat16) == "gemv"
+        y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert "bonsai_decode" not in factory.built and factory.launches[-1][0] == "bonsai_gemm"
+    ref = kernels.reference_matmul(x, weight, scales, "binary")
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    key = ("metal", "binary", mx.bfloat16, 600, N, K)
+    kernels._TUNED[key] = "scratch"
+    try:
+        assert kernels.choose_strategy("metal", "binary", 600, N, K, mx.bfloat16) == "scratch"
+        with kernels.fused_only():
+            assert kernels.choose_strategy("metal", "binary", 600, N, K, mx.bfloat16) == "gemm"
+    finally:
+        del kernels._TUNED[key]
+    assert kernels.default_strategy("metal", "binary", 600, mx.bfloat16) == "scratch"
+
+
 def test_cuda_gemm_never_takes_float32(monkeypatch):
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     for m in (1, 64, 200, 5000):
@@ -326,15 +351,22 @@ def fake_hopper(monkeypatch):
     return factory
 
 
-@pytest.mark.parametrize("kind, m, dtype, strategy", [
-    ("binary", 3, mx.bfloat16, "gemv"), ("binary", 70, mx.bfloat16, "wgmma"),
-    ("binary", 600, mx.float16, "wgmma"), ("binary", 600, mx.float32, "scratch"),
-    ("ternary", 70, mx.bfloat16, "gemm"), ("ternary", 511, mx.bfloat16, "gemm"),
-    ("ternary", 512, mx.bfloat16, "wgmma"), ("ternary", 3071, mx.float16, "wgmma"),
-    ("ternary", 3072, mx.bfloat16, "scratch"), ("ternary", 600, mx.float32, "scratch"),
+@pytest.mark.parametrize("kind, m, dtype, strategy, fused", [
+    ("binary", 3, mx.bfloat16, "gemv", "gemv"), ("binary", 70, mx.bfloat16, "wgmma", "wgmma"),
+    ("binary", 3071, mx.float16, "wgmma", "wgmma"),
+    ("binary", 3072, mx.bfloat16, "scratch", "wgmma"),
+    ("binary", 600, mx.float32, "scratch", "scratch"),
+    ("ternary", 70, mx.bfloat16, "gemm", "gemm"), ("ternary", 511, mx.bfloat16, "gemm", "gemm"),
+    ("ternary", 512, mx.bfloat16, "wgmma", "wgmma"),
+    ("ternary", 1535, mx.float16, "wgmma", "wgmma"),
+    ("ternary", 1536, mx.bfloat16, "scratch", "wgmma"),
+    ("ternary", 600, mx.float32, "scratch", "scratch"),
 ])
-def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy):
+def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy, fused):
+    """Per kind and rows, and inside fused_only() (float32 has no fused CUDA GEMM)."""
     assert kernels.default_strategy("cuda", kind, m, dtype) == strategy
+    with kernels.fused_only():
+        assert kernels.default_strategy("cuda", kind, m, dtype) == fused
 
 
 @pytest.mark.parametrize("kind", kernels.KINDS)

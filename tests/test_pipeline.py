@@ -14,8 +14,9 @@ from tiny_packs import SCHEDULER_CONFIG, TINY_CONFIG, write_dense_klein, write_p
 from tiny_text import reference_qwen3
 from transformers import Qwen2Tokenizer
 
-from mlx_bonsai import BonsaiPipeline
+from mlx_bonsai import BonsaiPipeline, kernels
 from mlx_bonsai.errors import BonsaiError
+from mlx_bonsai.transformer import Transformer
 
 PROMPT = "a bonsai tree on a wooden desk, soft light"
 
@@ -109,11 +110,21 @@ def test_result_and_reuse(prism_model):
     assert list(pipe._embeddings) == [PROMPT]  # the prompt was encoded once
 
 
-def test_low_memory_releases_and_reloads(prism_model):
+def test_low_memory_releases_and_reloads(prism_model, monkeypatch):
     root, _ = prism_model
     pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32", low_memory=True)
     full = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    # Each step evaluates block by block, with packed layers on fused kernels only.
+    modes, step = [], Transformer.__call__
+
+    def recording_step(self, *args, evaluate_blocks=False):
+        modes.append((evaluate_blocks, kernels._FUSED_ONLY.get()))
+        return step(self, *args, evaluate_blocks=evaluate_blocks)
+
+    monkeypatch.setattr(Transformer, "__call__", recording_step)
     a = pipe(PROMPT, width=64, height=64, seed=1)
+    assert modes and set(modes) == {(True, True)} and not kernels._FUSED_ONLY.get()
+    monkeypatch.undo()
     assert pipe._text_encoder is None and pipe._transformer is None
     b = pipe(PROMPT, width=64, height=64, seed=1)  # transformer reloads, embedding cached
     c = full(PROMPT, width=64, height=64, seed=1)
