@@ -82,11 +82,11 @@ _DECODE_THREADS = 256
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Measured
-# call by call at the model's shapes (H200, BENCHMARKS.md): binary wgmma beats one-pass scratch
-# up to 1536 rows, is even at 3072 (+-7%) and 4-15% slower at 4608; ternary (base-3 -> planes
-# per call, then the same GEMM) beats the portable GEMM from 512 rows and scratch at 512-1024,
-# and is 5-28% slower than one-pass scratch from 1536. Eager steps, old rule -> this one:
-# binary 1024^2 1.21 -> 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x.
+# call by call at the model's shapes (H200, BENCHMARKS.md): binary wgmma beats scratch up to
+# 1536 rows, is even at 3072 (+-7%) and mostly 4-16% slower at 4608; ternary (base-3 -> planes
+# per call, then the same GEMM) beats the portable GEMM from 512 rows, is even with scratch at
+# 512, faster at 1024 and 5-37% slower from 1536. Eager steps, old rule -> this one: binary
+# 1024^2 1.21 -> 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x.
 _WGMMA_ROWS = {"binary": (1, 3072), "ternary": (512, 1536)}
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
@@ -271,7 +271,7 @@ class KernelSet:
         """Decode W to dense in x's dtype, then MLX's matmul. One pass, not chunks over N: on an
         H200, 32 MiB chunks held as much memory per call as the whole decode (MLX frees them
         when the GPU has run the call) plus a concatenated copy of the output, and ran
-        1.1-1.4x slower at M = 4608 (BENCHMARKS.md)."""
+        1.05-1.4x slower at M = 4608 (BENCHMARKS.md)."""
         return x @ self.decode(weight, scales, ternary, x.dtype, init_value).T
 
     def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
