@@ -2,8 +2,9 @@
 
 One object holds the loaded components between calls; prompt embeddings are cached per
 prompt. `low_memory=True` keeps only what the current phase needs resident: the text encoder
-is dropped after encoding, the transformer before decoding, each half transformer block
-(attention, then MLP) is computed before the next is built, and the VAE decodes in tiles.
+is dropped after encoding, the transformer before decoding, each transformer block is
+computed in parts (attention, MLP) before the next is built, packed layers run on fused
+kernels only (never decoded to dense copies), and the VAE decodes in tiles.
 """
 
 from __future__ import annotations
