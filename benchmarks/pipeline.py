@@ -84,7 +84,6 @@ def _import_mlx_lm() -> None:
         log(f"mlx_lm's __init__ failed ({e}); using mlx_lm.models directly")
 
 
-from mlx_bonsai import quant  # noqa: E402
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes  # noqa: E402
 from mlx_bonsai.convert.sizes import FULL_CONFIG  # noqa: E402
 from mlx_bonsai.packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE  # noqa: E402
@@ -93,9 +92,9 @@ from mlx_bonsai.transformer import (  # noqa: E402
     TransformerConfig,
     image_ids,
     load_transformer,
+    load_weights,
     text_ids,
 )
-from mlx_bonsai.weights import load_into  # noqa: E402
 
 # -- configurations --------------------------------------------------------------------------
 
@@ -534,7 +533,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def model_from_weights(cfg: dict, weights: dict[str, mx.array]) -> Transformer:
     model = Transformer(TransformerConfig.from_dict(cfg))
-    load_into(model, quant.match_storage(model, weights, "twin"), "twin")
+    load_weights(model, weights, "twin")
     mx.eval(model.parameters())
     return model
 

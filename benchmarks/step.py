@@ -58,9 +58,15 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_bonsai import kernels, quant
-from mlx_bonsai.convert.layout import packed_layers
+from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.convert.sizes import FULL_CONFIG
-from mlx_bonsai.transformer import Transformer, TransformerConfig, image_ids, text_ids
+from mlx_bonsai.transformer import (
+    Transformer,
+    TransformerConfig,
+    image_ids,
+    load_weights,
+    text_ids,
+)
 
 # Widths are multiples of 128, as every packed linear's in_features must be; 1 + 1 blocks.
 TINY_CONFIG = dict(FULL_CONFIG, num_layers=1, num_single_layers=1, attention_head_dim=64,
@@ -82,10 +88,10 @@ Key = tuple[int, str, str, str]  # (size, variant, what, mode)
 
 
 def common_weights(config: dict[str, Any], packed: set[str]) -> dict[str, mx.array]:
-    """Every parameter that is not a packed linear: random bf16, linears N(0, 1/fan_in) (keeps
-    activations O(1)), norm weights 1 + 0.1 N(0, 1)."""
-    params = tree_flatten(Transformer(TransformerConfig.from_dict(config)).parameters())
-    names = [(n, v.shape) for n, v in params if n.removesuffix(".weight") not in packed]
+    """Every checkpoint tensor that is not a packed linear: random bf16, linears N(0, 1/fan_in)
+    (keeps activations O(1)), norm weights 1 + 0.1 N(0, 1)."""
+    names = [(n, shape) for n, shape in transformer_shapes(config, "config").items()
+             if n.removesuffix(".weight") not in packed]
     keys = mx.random.split(mx.random.key(SEEDS["common"]), len(names))
     out = {}
     for (name, shape), key in zip(names, keys, strict=True):
@@ -99,26 +105,26 @@ def common_weights(config: dict[str, Any], packed: set[str]) -> dict[str, mx.arr
 def build_model(config: dict[str, Any], variant: str,
                 common: dict[str, mx.array]) -> Transformer:
     """The transformer of `variant` with the shared `common` weights and fresh packed codes
-    (the same codes each time: one fixed key per layer)."""
-    model = Transformer(TransformerConfig.from_dict(config))
-    linears = dict(model.named_modules())
+    (the same codes each time: one fixed key per layer), loaded as a checkpoint is."""
+    shapes = transformer_shapes(config, "config")
     kind = CODES[variant]
     layers = packed_layers(config)
     keys = mx.random.split(mx.random.key(SEEDS[kind]), len(layers))
     weights = dict(common)
     for name, key in zip(layers, keys, strict=True):
-        linear = linears[name]
-        w, s = kernels.random_packed(kind, linear.out_features, linear.in_features, key=key)
+        n_out, n_in = shapes[f"{name}.weight"]
+        w, s = kernels.random_packed(kind, n_out, n_in, key=key)
         if variant == "dense":
             # Evaluated per layer: the decode's temporaries (4 bytes a weight) stay one layer big.
             weights[f"{name}.weight"] = kernels.unpack_binary(w, s, BF16)
         else:
-            linear.set_storage(variant, scale_dtype=BF16)
             weights[f"{name}.weight"], weights[f"{name}.scales"] = w, s
             mx.eval(s)
         mx.eval(weights[f"{name}.weight"])
-    # strict: every parameter must be given, in the shape its storage expects.
-    model.load_weights(list(weights.items()))
+    model = Transformer(TransformerConfig.from_dict(config))
+    load_weights(model, weights, "random weights")  # strict: every tensor, in its shape
+    del weights
+    mx.eval(model.parameters())  # the fused q/k/v concatenations, before any timing
     return model
 
 

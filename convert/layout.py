@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlx.utils import tree_flatten
-
-from mlx_bonsai.transformer import Transformer, TransformerConfig
+from mlx_bonsai.transformer import TransformerConfig, checkpoint_shapes
 
 DOUBLE_BLOCK_PACKED = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -23,13 +21,10 @@ SINGLE_BLOCK_PACKED = ("attn.to_qkv_mlp_proj", "attn.to_out")
 
 
 def transformer_shapes(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every transformer tensor (Linear weights [out, in]), read off the MLX
-    model that the config builds, so the converter and the loader cannot disagree.
-
-    Building the model allocates nothing: its initial weights are lazy and never evaluated.
-    """
-    model = Transformer(TransformerConfig.from_dict(config, where))
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    """Name -> shape of every transformer tensor (Linear weights [out, in]) as a checkpoint holds
+    it, derived from the MLX model that the config builds (`transformer.checkpoint_shapes`), so the
+    converter and the loader cannot disagree."""
+    return checkpoint_shapes(TransformerConfig.from_dict(config, where))
 
 
 def packed_layers(config: dict[str, Any]) -> list[str]:

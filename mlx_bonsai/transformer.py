@@ -15,9 +15,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import quant
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 from .weights import cast_floats, load_into, load_safetensors_dir, read_json, require
 
 _REQUIRED = (
@@ -278,15 +279,12 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.to_q = quant.Linear(dim, dim)
-        self.to_k = quant.Linear(dim, dim)
-        self.to_v = quant.Linear(dim, dim)
+        # Each stream's q, k, v projections as one linear, rows [q; k; v] (see FUSED_QKV).
+        self.to_qkv = quant.Linear(dim, 3 * dim)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_out = [quant.Linear(dim, dim)]
-        self.add_q_proj = quant.Linear(dim, dim)
-        self.add_k_proj = quant.Linear(dim, dim)
-        self.add_v_proj = quant.Linear(dim, dim)
+        self.add_qkv_proj = quant.Linear(dim, 3 * dim)
         self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_add_out = quant.Linear(dim, dim)
@@ -295,24 +293,16 @@ class JointAttention(nn.Module):
         self, x: mx.array, c: mx.array, cos: mx.array, sin: mx.array
     ) -> tuple[mx.array, mx.array]:
         h = self.heads
+        q_c, k_c, v_c = mx.split(self.add_qkv_proj(c), 3, axis=-1)
+        q_x, k_x, v_x = mx.split(self.to_qkv(x), 3, axis=-1)
         # Text tokens first, in the sequence and in the RoPE tables.
         q = mx.concatenate(
-            [
-                _heads(self.add_q_proj(c), h, self.norm_added_q),
-                _heads(self.to_q(x), h, self.norm_q),
-            ],
-            axis=2,
+            [_heads(q_c, h, self.norm_added_q), _heads(q_x, h, self.norm_q)], axis=2
         )
         k = mx.concatenate(
-            [
-                _heads(self.add_k_proj(c), h, self.norm_added_k),
-                _heads(self.to_k(x), h, self.norm_k),
-            ],
-            axis=2,
+            [_heads(k_c, h, self.norm_added_k), _heads(k_x, h, self.norm_k)], axis=2
         )
-        v = mx.concatenate(
-            [_value_heads(self.add_v_proj(c), h), _value_heads(self.to_v(x), h)], axis=2
-        )
+        v = mx.concatenate([_value_heads(v_c, h), _value_heads(v_x, h)], axis=2)
         out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         n_txt = c.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
@@ -479,6 +469,82 @@ class Transformer(nn.Module):
         return self.proj_out(self.norm_out(s[:, n_txt:], temb))
 
 
+# Checkpoints (diffusers' names, and every published pack) store a double block's q, k and v
+# projections as three linears per stream; the model multiplies each stream's three as one, their
+# rows concatenated at load (one launch with three times the outputs instead of three small ones).
+FUSED_QKV = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+
+
+def sanitize(weights: dict[str, mx.array], num_layers: int, where: str) -> dict[str, mx.array]:
+    """Checkpoint tensors -> the model's names: each double block's q/k/v linears (weight, and
+    scales / biases if packed) concatenated on rows into the fused linear of FUSED_QKV. They must
+    be stored alike (all dense, or packed the same way); WeightsError names the layer if not."""
+    out = dict(weights)
+    for i in range(num_layers):
+        for fused, parts in FUSED_QKV.items():
+            names = [f"transformer_blocks.{i}.{part}" for part in parts]
+            for suffix in ("weight", "scales", "biases"):
+                tensors = [out.pop(f"{name}.{suffix}", None) for name in names]
+                present = [t is not None for t in tensors]
+                if not any(present) and (suffix != "weight" or f"transformer_blocks.{i}.{fused}"
+                                         f".{suffix}" in out):
+                    continue  # not packed, or already fused (a checkpoint of this model)
+                if not all(present):
+                    missing = names[present.index(False)]
+                    if suffix == "weight":
+                        raise WeightsError(f"{where}: weight '{missing}.weight' is missing from "
+                                           "the checkpoint")
+                    raise WeightsError(f"{where}: '{missing}.{suffix}' is missing: the q, k, v "
+                                       "projections of a stream must be stored alike")
+                # Float tensors may differ in dtype (concatenate promotes), packed codes not.
+                if len({(_float_or(t.dtype), tuple(t.shape[1:])) for t in tensors}) > 1:
+                    kinds = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors)
+                    raise WeightsError(f"{where}: {', '.join(names)} must be stored alike to be "
+                                       f"fused, their {suffix} tensors are {kinds}")
+                out[f"transformer_blocks.{i}.{fused}.{suffix}"] = mx.concatenate(tensors)
+    return out
+
+
+def _float_or(dtype: mx.Dtype) -> mx.Dtype | str:
+    return "float" if mx.issubdtype(dtype, mx.floating) else dtype
+
+
+def checkpoint_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a dense checkpoint for `cfg` (diffusers' names): the
+    model's parameters, each fused q/k/v linear split back into its three (the inverse of
+    `sanitize`)."""
+    shapes = {}
+    for name, value in tree_flatten(Transformer(cfg).parameters()):  # lazy: allocates nothing
+        layer, _, leaf = name.rpartition(".")
+        for fused, parts in FUSED_QKV.items():
+            if layer.endswith("." + fused):
+                for part in parts:
+                    shapes[f"{layer.removesuffix(fused)}{part}.{leaf}"] = (
+                        value.shape[0] // 3, *value.shape[1:])
+                break
+        else:
+            shapes[name] = tuple(value.shape)
+    return shapes
+
+
+def load_weights(
+    model: Transformer,
+    weights: dict[str, mx.array],
+    where: str,
+    quantization: dict[str, Any] | None = None,
+    dtype: mx.Dtype = mx.bfloat16,
+) -> None:
+    """Checkpoint tensors into `model`: fuse (`sanitize`), pick each linear's storage
+    (`quant.match_storage`), cast dense tensors to `dtype` (quantization scales keep their stored
+    dtype) and load strictly."""
+    weights = sanitize(weights, model.config.num_layers, where)
+    weights = quant.match_storage(model, weights, where, quantization)
+    load_into(model, cast_floats(weights, dtype, keep=(".scales", ".biases")), where)
+
+
 def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
     """Build the transformer from `directory/config.json` and load its safetensors weights.
 
@@ -496,10 +562,7 @@ def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Tr
     qconfig = directory / "quantization_config.json"
     quantization = read_json(qconfig) if qconfig.is_file() else None
     model = Transformer(cfg)
-    weights = quant.match_storage(
-        model, load_safetensors_dir(directory), str(directory), quantization
-    )
-    load_into(model, cast_floats(weights, dtype, keep=(".scales", ".biases")), str(directory))
+    load_weights(model, load_safetensors_dir(directory), str(directory), quantization, dtype)
     return model
 
 

@@ -16,13 +16,12 @@ from tiny_packs import (
     write_prism_transformer,
 )
 
-from mlx_bonsai import kernels, quant
+from mlx_bonsai import kernels
 from mlx_bonsai.convert import convert, converter, sizes
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.convert.sizes import FULL_CONFIG
 from mlx_bonsai.packing import fit_ternary, quantize_binary, quantize_ternary
-from mlx_bonsai.transformer import Transformer, TransformerConfig
-from mlx_bonsai.weights import load_into
+from mlx_bonsai.transformer import Transformer, TransformerConfig, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKED = packed_layers(TINY_CONFIG)
@@ -88,15 +87,21 @@ def test_prism_pack_repacks_exactly(tmp_path, variant):
         assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "src" / src_rel).read_bytes()
     assert not (tmp_path / "out" / "transformer-packed-mflux").exists()
 
-    # The whole output loads strictly through quant.match_storage + load_into and runs.
+    # The whole output loads strictly through the model's loading path and runs; the fused
+    # q/k/v linear multiplies the three packed layers' rows in order.
     model = Transformer(TransformerConfig.from_dict(TINY_CONFIG))
-    load_into(model, quant.match_storage(model, out, "out"), "out")
-    lin = model.single_transformer_blocks[1].attn.to_out
-    assert lin.storage == variant
-    x = mx.array(np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32))
-    w = encoded["single_transformer_blocks.1.attn.to_out.weight"].astype(np.float64)
-    np.testing.assert_allclose(np.array(lin(x)), np.array(x, np.float64) @ w.T, rtol=0,
-                               atol=5e-6 * np.abs(np.array(x) @ w.T).max())
+    load_weights(model, out, "out", dtype=mx.float32)
+    for lin, parts, n_in in [
+        (model.single_transformer_blocks[1].attn.to_out,
+         ["single_transformer_blocks.1.attn.to_out"], 512),
+        (model.transformer_blocks[1].attn.to_qkv,
+         [f"transformer_blocks.1.attn.to_{p}" for p in "qkv"], 128),
+    ]:
+        assert lin.storage == variant
+        x = mx.array(np.random.default_rng(0).standard_normal((3, n_in)).astype(np.float32))
+        w = np.concatenate([encoded[f"{p}.weight"] for p in parts]).astype(np.float64)
+        ref = np.array(x, np.float64) @ w.T
+        np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
@@ -107,13 +112,17 @@ def test_prism_pack_loads_as_affine(tmp_path, variant):
     weights = mx.load(str(tdir / "diffusion_pytorch_model.safetensors"))
     qcfg = json.loads((tdir / "quantization_config.json").read_text())
     model = Transformer(TransformerConfig.from_dict(TINY_CONFIG))
-    load_into(model, quant.match_storage(model, weights, str(tdir), qcfg), str(tdir))
-    lin = model.transformer_blocks[0].ff.linear_out
-    assert lin.storage == "affine"
-    x = mx.array(np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32))
-    w = encoded["transformer_blocks.0.ff.linear_out.weight"].astype(np.float64)
-    ref = np.array(x, np.float64) @ w.T
-    np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+    load_weights(model, weights, str(tdir), qcfg, dtype=mx.float32)
+    for lin, parts, n_in in [
+        (model.transformer_blocks[0].ff.linear_out, ["transformer_blocks.0.ff.linear_out"], 384),
+        (model.transformer_blocks[0].attn.add_qkv_proj,
+         [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"], 128),
+    ]:
+        assert lin.storage == "affine"
+        x = mx.array(np.random.default_rng(0).standard_normal((5, n_in)).astype(np.float32))
+        w = np.concatenate([encoded[f"{p}.weight"] for p in parts]).astype(np.float64)
+        ref = np.array(x, np.float64) @ w.T
+        np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
+from mlx.utils import tree_flatten
 from tiny_transformer import TINY, write_transformer
 
 from mlx_bonsai.convert.sizes import FULL_CONFIG
@@ -133,8 +134,6 @@ def test_positions_and_packing():
 
 def test_full_size_parameter_count():
     cfg = TransformerConfig.from_dict(FULL_CONFIG)
-    from mlx.utils import tree_flatten
-
     model = Transformer(cfg)  # lazily initialised: nothing is materialised
     assert sum(v.size for _, v in tree_flatten(model.parameters())) == 3_875_544_576
 
@@ -179,6 +178,11 @@ def _save(directory, weights):
         ("drop", "weight 'proj_out.weight' is missing"),
         ("extra", "unexpected weight 'proj_out.bias'"),
         ("shape", "weight 'x_embedder.weight' has shape (64, 96), the config expects (64, 128)"),
+        ("drop_k", "weight 'transformer_blocks.1.attn.to_k.weight' is missing"),
+        ("mixed", "'transformer_blocks.0.attn.add_q_proj.scales' is missing: the q, k, v "
+                  "projections of a stream must be stored alike"),
+        ("widths", "transformer_blocks.0.attn.to_q, transformer_blocks.0.attn.to_k, "
+                   "transformer_blocks.0.attn.to_v must be stored alike"),
     ],
 )
 def test_bad_weights(tmp_path, checkpoint, edit, message):
@@ -189,9 +193,37 @@ def test_bad_weights(tmp_path, checkpoint, edit, message):
         del weights["proj_out.weight"]
     elif edit == "extra":
         weights["proj_out.bias"] = mx.zeros((128,))
-    else:
+    elif edit == "shape":
         weights["x_embedder.weight"] = mx.zeros((64, 96))
+    elif edit == "drop_k":
+        del weights["transformer_blocks.1.attn.to_k.weight"]
+    elif edit == "mixed":  # one of three looks packed
+        weights["transformer_blocks.0.attn.add_k_proj.scales"] = mx.zeros((64, 1))
+    else:
+        weights["transformer_blocks.0.attn.to_v.weight"] = mx.zeros((64, 96))
     _save(tmp_path, weights)
     with pytest.raises(WeightsError) as err:
         load_transformer(tmp_path)
     assert message in str(err.value)
+
+
+def test_qkv_projections_fused_at_load(tmp_path, checkpoint):
+    """Each stream's q, k, v linears become one linear, rows in that order; a checkpoint saved
+    from the model itself (already fused) loads too."""
+    directory, _ = checkpoint
+    weights = mx.load(str(directory / "diffusion_pytorch_model.safetensors"))
+    model = load_transformer(directory, dtype=mx.float32)
+    for block, (fused, parts) in [(0, ("to_qkv", ("to_q", "to_k", "to_v"))),
+                                  (1, ("add_qkv_proj", ("add_q_proj", "add_k_proj",
+                                                        "add_v_proj")))]:
+        expected = mx.concatenate(
+            [weights[f"transformer_blocks.{block}.attn.{p}.weight"] for p in parts]
+        )
+        got = getattr(model.transformer_blocks[block].attn, fused).weight
+        assert mx.array_equal(got, expected.astype(mx.float32))
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    _save(tmp_path, dict(tree_flatten(model.parameters())))
+    again = load_transformer(tmp_path, dtype=mx.float32)
+    x, ctx, t, txt, img = inputs(1, 4, 4, 8)
+    args = mx.array(x), mx.array(ctx), mx.array(t), model.rope(txt, img)
+    assert mx.array_equal(again(*args), model(*args))
