@@ -100,7 +100,9 @@ def test_result_and_reuse(prism_model):
     pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
     first = pipe(PROMPT, width=64, height=64, seed=5)
     again = pipe(PROMPT, width=64, height=64, seed=5)
-    other = pipe(PROMPT, width=64, height=64, seed=6)
+    steps_done = []
+    other = pipe(PROMPT, width=64, height=64, seed=6, steps=3, progress=steps_done.append)
+    assert steps_done == [0, 1, 2]  # each step reported once, in order
     assert first.seed == 5 and first.image.size == (64, 64)
     assert set(first.timings) == {"load", "encode", "denoise", "decode"}
     assert set(first.peak_memory) == set(first.timings)
