@@ -81,13 +81,15 @@ _DECODE_THREADS = 256
 # Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
-# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Measured
-# call by call at the model's shapes (H200, BENCHMARKS.md): binary wgmma beats scratch up to
-# 1536 rows, is even at 3072 (+-7%) and mostly 4-16% slower at 4608; ternary (base-3 -> planes
-# per call, then the same GEMM) beats the portable GEMM from 512 rows, is even with scratch at
-# 512, faster at 1024 and 5-37% slower from 1536. Eager steps, old rule -> this one: binary
-# 1024^2 1.21 -> 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x.
-_WGMMA_ROWS = {"binary": (1, 3072), "ternary": (512, 1536)}
+# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Whole
+# eager steps decide (BENCHMARKS.md): binary 512^2 steps ran 6-7% faster with the single blocks'
+# 1536-row calls on scratch (H100, two runs, three rounds each: 1.14 vs 1.23x the dense step),
+# although call by call wgmma was 2-22% faster at 1536 rows (H200); moving the 512- and 1024-row
+# calls to scratch as well was slower. Ternary (base-3 -> planes per call, then the same GEMM)
+# beats the portable GEMM from 512 rows and scratch up to 1535: steps with ternary wgmma to 3071
+# rows or from 1024 rows were 8-17% slower at 512^2. Before these rules: binary 1024^2 1.21 ->
+# 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x (H200).
+_WGMMA_ROWS = {"binary": (1, 1536), "ternary": (512, 1536)}
 # (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
 # (two per SM) beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, and a 4-stage ring a

@@ -353,8 +353,8 @@ def fake_hopper(monkeypatch):
 
 @pytest.mark.parametrize("kind, m, dtype, strategy, fused", [
     ("binary", 3, mx.bfloat16, "gemv", "gemv"), ("binary", 70, mx.bfloat16, "wgmma", "wgmma"),
-    ("binary", 3071, mx.float16, "wgmma", "wgmma"),
-    ("binary", 3072, mx.bfloat16, "scratch", "wgmma"),
+    ("binary", 1535, mx.float16, "wgmma", "wgmma"),
+    ("binary", 1536, mx.bfloat16, "scratch", "wgmma"),
     ("binary", 600, mx.float32, "scratch", "scratch"),
     ("ternary", 70, mx.bfloat16, "gemm", "gemm"), ("ternary", 511, mx.bfloat16, "gemm", "gemm"),
     ("ternary", 512, mx.bfloat16, "wgmma", "wgmma"),
