@@ -22,7 +22,9 @@ bf16 activations):
   warm-up steps, per mode (--modes): eager (the model as the pipeline runs it: its elementwise
   chains compiled), unfused (the same with mx.disable_compile(): every operation its own kernel),
   blocks (evaluate_blocks=True inside kernels.fused_only(): the low-memory pipeline), compiled
-  (the whole step in mx.compile; a failed compile is recorded, the run goes on);
+  (the whole step in mx.compile; a failed compile is recorded, the run goes on), loop (4 steps
+  chained by scheduler.euler_loop as the default pipeline denoises, each step's graph built while
+  the GPU runs the previous one; time per step, no parity: its output is 4 steps');
 - memory: MLX active memory before a step (resident: weights and inputs) and the step's peak
   above it (max over the timed steps);
 - parity: max|a-b| / max|b| in float32 of each step's output against the eager dense step
@@ -60,6 +62,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_bonsai import kernels, quant
 from mlx_bonsai.convert.layout import packed_layers, transformer_shapes
 from mlx_bonsai.convert.sizes import FULL_CONFIG
+from mlx_bonsai.scheduler import SchedulerConfig, euler_loop, sigmas
 from mlx_bonsai.transformer import (
     Transformer,
     TransformerConfig,
@@ -79,7 +82,8 @@ WARMUP = 2
 ENV_VARS = ("MLX_BONSAI_KERNELS", "MLX_MAX_MB_PER_BUFFER", "MLX_MAX_OPS_PER_BUFFER")
 BF16 = mx.bfloat16
 WHATS = ("step", "double", "single")
-MODES = ("eager", "unfused", "blocks", "compiled")
+MODES = ("eager", "unfused", "blocks", "compiled", "loop")
+LOOP_STEPS = 4
 
 Key = tuple[int, str, str, str]  # (size, variant, what, mode)
 
@@ -309,8 +313,11 @@ class Bench:
         row: dict[str, Any] = dict(size=size, variant=variant, what=what, mode=mode)
         try:
             numbers, out = time_calls(with_mode(fn, mode), args, self.args.repeats)
+            if mode == "loop":  # per step
+                numbers["ms"] /= LOOP_STEPS
+                numbers["times_ms"] = [t / LOOP_STEPS for t in numbers["times_ms"]]
             row.update(numbers)
-            if what == "step":
+            if what == "step" and mode != "loop":
                 self.parity(row, out)
             times = row["times_ms"]
             err = "" if row.get("rel_err") is None else f", rel err {row['rel_err']:.2e}"
@@ -371,6 +378,11 @@ def with_mode(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
             with kernels.fused_only():  # as the low-memory pipeline denoises
                 return fn(*args, evaluate_blocks=True)
         return blocks
+    if mode == "loop":
+        def loop(x: mx.array, ctx: mx.array, t: mx.array, cos: mx.array, sin: mx.array) -> Any:
+            schedule = sigmas(SchedulerConfig(), LOOP_STEPS, x.shape[1])
+            return euler_loop(lambda z, tz: fn(z, ctx, tz, cos, sin), x, schedule)
+        return loop
     if mode == "unfused":
         def unfused(*args: Any) -> Any:
             mx.disable_compile()  # while the graph is built: compiled helpers run as Python
@@ -446,7 +458,8 @@ def run_variant(bench: Bench, config: dict[str, Any], variant: str,
                 bench.error(f"float32 reference {size}", e)
         for mode in modes:
             bench.measure((size, variant, "step", mode), step, inputs)
-            for what, block_arg in block_args.items() if mode != "blocks" else ():
+            whole_step_only = mode in ("blocks", "loop")  # both need the whole model
+            for what, block_arg in block_args.items() if not whole_step_only else ():
                 bench.measure((size, variant, what, mode), blocks[what], block_arg)
         if args.trace:
             bench.trace(size, variant, step, inputs)

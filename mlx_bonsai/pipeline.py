@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, kernels
 from .errors import BonsaiError, ConfigError
-from .scheduler import SchedulerConfig, euler_step, sigmas
+from .scheduler import SchedulerConfig, euler_loop, sigmas
 from .transformer import Transformer, image_ids, load_transformer, pack_latents, text_ids
 from .vae import VAE, load_vae
 
@@ -311,25 +311,14 @@ class BonsaiPipeline:
         rope = model.rope(text_ids(embedding.shape[1]), image_ids(h, w))
         schedule = sigmas(self.scheduler, steps, h * w)
         x = pack_latents(noise.astype(self.dtype))
-        done = progress or (lambda i: None)
         # Low memory: packed layers never decode to dense copies (kernels.fused_only).
         with kernels.fused_only() if self.low_memory else contextlib.nullcontext():
-            for i in range(steps):
-                # The reference passes sigma as (sigma * 1000 -> model dtype) / 1000: same rounding.
-                t = mx.array(schedule[i : i + 1] * 1000).astype(self.dtype) / 1000
-                velocity = model(x, embedding, t, rope, evaluate_blocks=self.low_memory)
-                step = euler_step(x, velocity, schedule[i], schedule[i + 1])
-                # Step i's graph was built in Python while the GPU still ran step i - 1; queue
-                # it only once that is done, so no more memory is in flight than in one step
-                # (BENCHMARKS.md: 6-11% off four steps at 512^2 on an H100, same peak).
-                mx.eval(x)
-                if i:
-                    done(i - 1)
-                mx.async_eval(step)
-                x = step
-            mx.eval(x)
-            done(steps - 1)
-        return x
+            return euler_loop(
+                lambda x, t: model(x, embedding, t, rope, evaluate_blocks=self.low_memory),
+                x,
+                schedule,
+                progress,
+            )
 
     def decode(self, tokens: mx.array, height: int, width: int) -> mx.array:
         """Latent tokens (1, h*w, 128) -> image (1, 16h, 16w, 3) in [0, 1]."""

@@ -8,6 +8,7 @@ in MLX, in float32, and casts back to the model dtype as diffusers does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,31 @@ def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float)
     dt = np.float32(sigma_next) - np.float32(sigma)
     step = mx.array(dt, dtype=velocity.dtype) * velocity
     return (x.astype(mx.float32) + step).astype(velocity.dtype)
+
+
+def euler_loop(
+    velocity: Callable[[mx.array, mx.array], mx.array],
+    x: mx.array,
+    schedule: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+) -> mx.array:
+    """Euler steps over `schedule` (sigmas from `sigmas`): x <- euler_step(x, velocity(x, t_i)),
+    with t_i = sigma_i as the reference passes it (sigma * 1000 rounded to x's dtype, / 1000).
+    Returns the final x, evaluated; progress(i) after step i.
+
+    Step i's graph is built in Python while the GPU still runs step i - 1, and queued once that
+    step is done: Python's time overlaps the GPU's, but no more work is in flight than one step's
+    (queuing it before waiting was faster still on an H100, and raised the peak by 1-3 GB).
+    """
+    done = progress or (lambda i: None)
+    for i in range(len(schedule) - 1):
+        t = mx.array(schedule[i : i + 1] * 1000).astype(x.dtype) / 1000
+        step = euler_step(x, velocity(x, t), schedule[i], schedule[i + 1])
+        mx.eval(x)
+        if i:
+            done(i - 1)
+        mx.async_eval(step)
+        x = step
+    mx.eval(x)
+    done(len(schedule) - 2)
+    return x

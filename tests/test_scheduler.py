@@ -10,7 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
 from mlx_bonsai.errors import ConfigError
-from mlx_bonsai.scheduler import SchedulerConfig, empirical_mu, euler_step, sigmas
+from mlx_bonsai.scheduler import SchedulerConfig, empirical_mu, euler_loop, euler_step, sigmas
 
 # scheduler/scheduler_config.json of FLUX.2 klein (architecture.md §2.4)
 KLEIN = dict(
@@ -84,6 +84,29 @@ def test_euler_step_matches_diffusers(dtype):
         ours = euler_step(ours, v_mx, float(table[i]), float(table[i + 1]))
         assert ours.dtype == v_mx.dtype
         np.testing.assert_array_equal(np.array(ours.astype(mx.float32)), x.float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_euler_loop_is_the_steps_one_after_another(dtype):
+    """The pipelined loop computes exactly the plain loop of euler_step, passing each step the
+    timestep rounded as the reference does, and reports every step once, in order."""
+    schedule = sigmas(SchedulerConfig.from_dict(KLEIN), 4, 1024)
+    x0 = mx.random.normal((1, 16, 8), key=mx.random.key(3)).astype(dtype)
+    weight = mx.random.normal((8, 8), key=mx.random.key(4)).astype(dtype)
+
+    def velocity(x, t):
+        return mx.tanh(x @ weight) * t
+
+    seen, reported = [], []
+    out = euler_loop(lambda x, t: (seen.append(t.item()), velocity(x, t))[1], x0, schedule,
+                     reported.append)
+    want = x0
+    for i in range(4):
+        t = mx.array(schedule[i] * 1000, dtype=dtype) / 1000
+        assert seen[i] == t.item()
+        want = euler_step(want, velocity(want, t), schedule[i], schedule[i + 1])
+    assert reported == [0, 1, 2, 3]
+    assert out.dtype == dtype and mx.array_equal(out, want)
 
 
 def test_reads_scheduler_config(tmp_path):
