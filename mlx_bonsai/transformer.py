@@ -214,6 +214,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
 # Modules
 
 
+def evaluate_part(*outputs: mx.array) -> None:
+    """An evaluation point of the low-memory step: queue this part once all work before it has
+    finished and released its buffers, then return, so that Python builds the next part's graph
+    while the GPU runs this one. mx.synchronize, not mx.eval: eval returns before MLX has freed
+    the finished part's temporaries, and the next part then allocated on top of them (H100,
+    binary 512^2: 179 MB above the weights this way, 227 with eval; 20% less step time than
+    evaluating each part before building the next)."""
+    mx.synchronize()
+    mx.async_eval(*outputs)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, channels: int, dim: int):
         super().__init__()
@@ -325,7 +336,7 @@ class DoubleBlock(nn.Module):
         the step's peak holds one half's temporaries, not both (see Transformer.__call__)."""
         x, c = self._attention(x, c, mod_img[:3], mod_txt[:3], cos, sin)
         if evaluate:
-            mx.eval(x, c)
+            evaluate_part(x, c)
         (shift, scale, gate), (c_shift, c_scale, c_gate) = mod_img[3:], mod_txt[3:]
         x = gated_add(x, gate, self.ff(modulate(x, shift, scale, self.eps)))
         c = gated_add(c, c_gate, self.ff_context(modulate(c, c_shift, c_scale, self.eps)))
@@ -361,9 +372,9 @@ class ParallelAttention(nn.Module):
         proj, qkv = self.to_qkv_mlp_proj, self._qkv
         if evaluate:
             hidden = self._mlp(proj(s, outputs=(qkv, proj.out_features)))
-            mx.eval(hidden)
+            evaluate_part(hidden)
             out = self._attention(proj(s, outputs=(0, qkv)), cos, sin)
-            mx.eval(out)
+            evaluate_part(out)
         else:
             y = proj(s)
             out, hidden = self._attention(y[..., :qkv], cos, sin), self._mlp(y[..., qkv:])
@@ -441,11 +452,11 @@ class Transformer(nn.Module):
         """Velocity (B, N_img, out) for image tokens x (B, N_img, in), text context
         (B, N_txt, joint_attention_dim), timestep sigma (B,) in [0, 1], RoPE tables from `rope`.
 
-        evaluate_blocks: compute each block, in two or three parts, before the next is built.
-        MLX keeps the buffers an operation reads until the GPU has finished the batch of work it
-        was sent with, so an unevaluated step holds several blocks' temporaries at once;
-        evaluating per part bounds the step's peak memory by one part's (costs a CPU-GPU round
-        trip per part; not inside mx.compile)."""
+        evaluate_blocks: compute each block in two or three parts, one after the other
+        (`evaluate_part`). MLX keeps the buffers an operation reads until the GPU has finished
+        the batch of work it was sent with, so an unevaluated step holds several blocks'
+        temporaries at once; evaluating per part bounds the step's peak memory by one part's
+        (costs a CPU-GPU round trip per part; not inside mx.compile)."""
         cos, sin = rope
         # diffusers scales sigma by 1000 in the hidden dtype (this rounds it in bf16).
         temb = self.time_guidance_embed(timestep.astype(x.dtype) * 1000)
@@ -458,14 +469,14 @@ class Transformer(nn.Module):
         for block in self.transformer_blocks:
             x, c = block(x, c, mod_img, mod_txt, cos, sin, evaluate_blocks)
             if evaluate_blocks:
-                mx.eval(x, c)
+                evaluate_part(x, c)
         n_txt = c.shape[1]
         s = mx.concatenate([c, x], axis=1)
         del x, c  # s holds the streams now: no second copy through the single blocks
         for block in self.single_transformer_blocks:
             s = block(s, mod_single, cos, sin, evaluate_blocks)
             if evaluate_blocks:
-                mx.eval(s)
+                evaluate_part(s)
         return self.proj_out(self.norm_out(s[:, n_txt:], temb))
 
 
