@@ -3,7 +3,7 @@
 One object holds the loaded components between calls; prompt embeddings are cached per
 prompt. `low_memory=True` keeps only what the current phase needs resident: the text encoder
 is dropped after encoding, the transformer before decoding, each transformer block is
-computed in parts (attention, MLP) before the next is built, packed layers run on fused
+computed in parts (attention, MLP), one part in flight at a time, packed layers run on fused
 kernels only (never decoded to dense copies), and the VAE decodes in tiles.
 """
 
