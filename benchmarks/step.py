@@ -24,7 +24,7 @@ bf16 activations):
   blocks (evaluate_blocks=True inside kernels.fused_only(): the low-memory pipeline), compiled
   (the whole step in mx.compile; a failed compile is recorded, the run goes on), loop (4 steps
   chained by scheduler.euler_loop as the default pipeline denoises, each step's graph built while
-  the GPU runs the previous one; time per step, no parity: its output is 4 steps');
+  the GPU runs the previous one; time per step; no parity, as its output is that of 4 steps);
 - memory: MLX active memory before a step (resident: weights and inputs) and the step's peak
   above it (max over the timed steps);
 - parity: max|a-b| / max|b| in float32 of each step's output against the eager dense step

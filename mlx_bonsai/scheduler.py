@@ -118,7 +118,7 @@ def euler_loop(
 
     Step i's graph is built in Python while the GPU still runs step i - 1, and queued once that
     step is done: Python's time overlaps the GPU's, but no more work is in flight than one step's
-    (queuing it before waiting was faster still on an H100, and raised the peak by 1-3 GB).
+    (queuing it before waiting was faster still on an H100, and raised the peak by 0.6-3 GB).
     """
     done = progress or (lambda i: None)
     for i in range(len(schedule) - 1):

@@ -219,8 +219,9 @@ def evaluate_part(*outputs: mx.array) -> None:
     finished and released its buffers, then return, so that Python builds the next part's graph
     while the GPU runs this one. mx.synchronize, not mx.eval: eval returns before MLX has freed
     the finished part's temporaries, and the next part then allocated on top of them (H100,
-    binary 512^2: 179 MB above the weights this way, 227 with eval; 20% less step time than
-    evaluating each part before building the next)."""
+    binary 512^2: 179 MB above the weights now; 217-227 when each part was evaluated before the
+    next was built, 283 when built first and waited for with eval). The step took 2-24% less
+    time than with evaluate-then-build in 9 of 10 pairs (BENCHMARKS.md)."""
     mx.synchronize()
     mx.async_eval(*outputs)
 
@@ -332,8 +333,8 @@ class DoubleBlock(nn.Module):
     def __call__(
         self, x, c, mod_img, mod_txt, cos, sin, evaluate: bool = False
     ) -> tuple[mx.array, mx.array]:
-        """evaluate: compute the attention half before building the feed-forward half, so that
-        the step's peak holds one half's temporaries, not both (see Transformer.__call__)."""
+        """evaluate: compute the attention half, then the feed-forward half (`evaluate_part`), so
+        that the step's peak holds one half's temporaries, not both (see Transformer.__call__)."""
         x, c = self._attention(x, c, mod_img[:3], mod_txt[:3], cos, sin)
         if evaluate:
             evaluate_part(x, c)
