@@ -576,6 +576,9 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
     """Time every strategy at each (M, N, K) on this GPU and use the fastest from then on.
 
     Returns {shape: {strategy: seconds}}. Strategies that fail their self-check are skipped.
+    Calls are timed alone, in batches: inside a whole step the order can differ (on an H100,
+    binary wgmma won call by call at 1536 rows, yet the 512^2 step ran 6-7% faster with those
+    calls on scratch; BENCHMARKS.md, session 8), so check a tuned choice with a whole step.
     """
     backend = _device_backend()
     if backend is None:
