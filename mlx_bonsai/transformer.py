@@ -499,10 +499,10 @@ def sanitize(weights: dict[str, mx.array], num_layers: int, where: str) -> dict[
         for fused, parts in FUSED_QKV.items():
             names = [f"transformer_blocks.{i}.{part}" for part in parts]
             for suffix in ("weight", "scales", "biases"):
+                key = f"transformer_blocks.{i}.{fused}.{suffix}"
                 tensors = [out.pop(f"{name}.{suffix}", None) for name in names]
                 present = [t is not None for t in tensors]
-                if not any(present) and (suffix != "weight" or f"transformer_blocks.{i}.{fused}"
-                                         f".{suffix}" in out):
+                if not any(present) and (suffix != "weight" or key in out):
                     continue  # not packed, or already fused (a checkpoint of this model)
                 if not all(present):
                     missing = names[present.index(False)]
@@ -516,7 +516,7 @@ def sanitize(weights: dict[str, mx.array], num_layers: int, where: str) -> dict[
                     kinds = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors)
                     raise WeightsError(f"{where}: {', '.join(names)} must be stored alike to be "
                                        f"fused, their {suffix} tensors are {kinds}")
-                out[f"transformer_blocks.{i}.{fused}.{suffix}"] = mx.concatenate(tensors)
+                out[key] = mx.concatenate(tensors)
     return out
 
 
