@@ -54,6 +54,16 @@ def test_layout_matches_diffusers(config):
     assert len(packed_layers(config)) == 12 * config["num_layers"] + 2 * config["num_single_layers"]
 
 
+def _assert_computes(lin, storage: str, encoded: dict, layers: list[str], rows: int) -> None:
+    """`lin` is stored as `storage` and multiplies like the float64 concatenation of the encoded
+    weights of `layers` (one layer, or the q/k/v that the loader fuses, rows in that order)."""
+    assert lin.storage == storage
+    w = np.concatenate([encoded[f"{name}.weight"] for name in layers]).astype(np.float64)
+    x = mx.array(np.random.default_rng(0).standard_normal((rows, w.shape[1])).astype(np.float32))
+    ref = np.array(x, np.float64) @ w.T
+    np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
 def test_prism_pack_repacks_exactly(tmp_path, variant):
     encoded = write_prism_transformer(tmp_path / "src", TINY_CONFIG, variant, seed=1)
@@ -91,17 +101,10 @@ def test_prism_pack_repacks_exactly(tmp_path, variant):
     # q/k/v linear multiplies the three packed layers' rows in order.
     model = Transformer(TransformerConfig.from_dict(TINY_CONFIG))
     load_weights(model, out, "out", dtype=mx.float32)
-    for lin, parts, n_in in [
-        (model.single_transformer_blocks[1].attn.to_out,
-         ["single_transformer_blocks.1.attn.to_out"], 512),
-        (model.transformer_blocks[1].attn.to_qkv,
-         [f"transformer_blocks.1.attn.to_{p}" for p in "qkv"], 128),
-    ]:
-        assert lin.storage == variant
-        x = mx.array(np.random.default_rng(0).standard_normal((3, n_in)).astype(np.float32))
-        w = np.concatenate([encoded[f"{p}.weight"] for p in parts]).astype(np.float64)
-        ref = np.array(x, np.float64) @ w.T
-        np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+    _assert_computes(model.single_transformer_blocks[1].attn.to_out, variant, encoded,
+                     ["single_transformer_blocks.1.attn.to_out"], rows=3)
+    _assert_computes(model.transformer_blocks[1].attn.to_qkv, variant, encoded,
+                     [f"transformer_blocks.1.attn.to_{p}" for p in "qkv"], rows=3)
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
@@ -113,16 +116,10 @@ def test_prism_pack_loads_as_affine(tmp_path, variant):
     qcfg = json.loads((tdir / "quantization_config.json").read_text())
     model = Transformer(TransformerConfig.from_dict(TINY_CONFIG))
     load_weights(model, weights, str(tdir), qcfg, dtype=mx.float32)
-    for lin, parts, n_in in [
-        (model.transformer_blocks[0].ff.linear_out, ["transformer_blocks.0.ff.linear_out"], 384),
-        (model.transformer_blocks[0].attn.add_qkv_proj,
-         [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"], 128),
-    ]:
-        assert lin.storage == "affine"
-        x = mx.array(np.random.default_rng(0).standard_normal((5, n_in)).astype(np.float32))
-        w = np.concatenate([encoded[f"{p}.weight"] for p in parts]).astype(np.float64)
-        ref = np.array(x, np.float64) @ w.T
-        np.testing.assert_allclose(np.array(lin(x)), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+    _assert_computes(model.transformer_blocks[0].ff.linear_out, "affine", encoded,
+                     ["transformer_blocks.0.ff.linear_out"], rows=5)
+    _assert_computes(model.transformer_blocks[0].attn.add_qkv_proj, "affine", encoded,
+                     [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"], rows=5)
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
