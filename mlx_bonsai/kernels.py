@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import hashlib
 import math
 import os
 import re
@@ -121,6 +122,22 @@ def _source(name: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
 
 
+@functools.cache
+def _cuda_text(*names: str, mentions: tuple[str, ...] = ()) -> str:
+    """CUDA text that brings in the source files `names`: #include lines by absolute path
+    (NVRTC opens them), else the files' text. MLX copies a custom kernel's whole source on every
+    call and hashes it at every evaluation, about 0.2 us per KB (H100 host; 10-17 KB per
+    kernel here), so a few lines of includes save 2-4 us a call. A digest of the files keeps
+    MLX's compile cache, keyed by this text, from serving a build of older files. `mentions`:
+    names MLX looks for in the body to add parameters (x_shape, ...)."""
+    paths = [SOURCE_DIR / name for name in names]
+    if not all(p.is_file() and re.fullmatch(r'[ -!#-\[\]-~]+', str(p)) for p in paths):
+        return "".join(_source(name) for name in names)  # e.g. a path a directive cannot quote
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()[:16]
+    lines = [f"// bonsai sources {digest} {' '.join(mentions)}".rstrip()]
+    return "\n".join(lines + [f'#include "{p}"' for p in paths]) + "\n"
+
+
 class KernelSet:
     """The kernels of one backend ("metal" or "cuda"), built from `factory` once and cached."""
 
@@ -132,10 +149,11 @@ class KernelSet:
         self._built: dict[str, Any] = {}
 
     def _kernel(self, name: str, input_names: list[str], output_name: str,
-                key: str | None = None, shared_memory: int = 0, header: str = "") -> Any:
+                key: str | None = None, shared_memory: int = 0, headers: tuple[str, ...] = (),
+                header: str = "") -> Any:
         """Kernel `bonsai_<name>` from metal/packed_<name>.*, built once per `key` (variants that
-        differ in dynamic shared memory are separate kernel objects in MLX); `header` is added
-        after the shared headers."""
+        differ in dynamic shared memory are separate kernel objects in MLX); the source files
+        `headers` (CUDA only), then the text `header`, come after the shared headers."""
         key = key or name
         kernel = self._built.get(key)
         if kernel is None:
@@ -144,9 +162,13 @@ class KernelSet:
                 extra = {"atomic_outputs": False}
                 source = _source(f"packed_{name}.metal")
             else:
-                header = _source("bonsai_decode.h") + _source("bonsai_cuda.cuh") + header
+                header = _cuda_text("bonsai_decode.h", "bonsai_cuda.cuh", *headers) + header
                 extra = {"shared_memory": shared_memory} if shared_memory else {}
-                source = _source(f"packed_{name}.cu")
+                body = f"packed_{name}.cu"
+                uses = tuple(f"{n}_{what}" for n in input_names
+                             for what in ("shape", "strides", "ndim")
+                             if f"{n}_{what}" in _source(body))
+                source = _cuda_text(body, mentions=uses)
             kernel = self.factory(
                 name=f"bonsai_{name}",
                 input_names=input_names,
@@ -214,7 +236,7 @@ class KernelSet:
         smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
                               key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
-                              header=_wgmma_header(2 * threads))
+                              headers=("bonsai_wgmma.cuh",), header=_register_cap(2 * threads))
         return kernel(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
@@ -293,16 +315,15 @@ _KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
 
 
 @functools.cache
-def _wgmma_header(threads_per_sm: int) -> str:
-    """The wgmma helpers, then a cap on the kernel's registers that lets `threads_per_sm` threads
-    share an SM (what __launch_bounds__ would say). mx.fast.cuda_kernel writes the kernel's
-    declaration itself, so the cap comes in through the `__global__` macro it uses, redefined
-    with __maxnreg__ (CUDA >= 12.4; without it, no cap). Uncapped, ptxas gives the ternary tiles
-    about 160 registers, i.e. one block per SM instead of two."""
+def _register_cap(threads_per_sm: int) -> str:
+    """A cap on the kernel's registers that lets `threads_per_sm` threads share an SM (what
+    __launch_bounds__ would say). mx.fast.cuda_kernel writes the kernel's declaration itself, so
+    the cap comes in through the `__global__` macro it uses, redefined with __maxnreg__ (CUDA >=
+    12.4; without it, no cap). Uncapped, ptxas gives the ternary tiles about 160 registers, i.e.
+    one block per SM instead of two."""
     regs = min(255, 65536 // threads_per_sm // 8 * 8)
-    return _source("bonsai_wgmma.cuh") + (
-        "#ifdef __maxnreg__\n#undef __global__\n"
-        f"#define __global__ __location__(global) __maxnreg__({regs})\n#endif\n")
+    return ("#ifdef __maxnreg__\n#undef __global__\n"
+            f"#define __global__ __location__(global) __maxnreg__({regs})\n#endif\n")
 
 
 def kernel_set(backend: str, factory: Callable[..., Any] | None = None) -> KernelSet:

@@ -5,9 +5,11 @@ reference against float64 NumPy on both layouts, the decode arithmetic of the sh
 header, and the dispatch logic with injected kernel factories (a wrong one, a correct one).
 """
 
+import functools
 import math
 import re
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -310,16 +312,22 @@ def unplanes(planes: mx.array) -> mx.array:
     return mx.array((nz * (1 - 2 * neg)).reshape(planes.shape[0], -1).astype(np.float32))
 
 
+def nvrtc_text(text: str) -> str:
+    """`text` as NVRTC compiles it: each `#include "path"` line replaced by that file."""
+    return re.sub(r'#include "([^"]+)"', lambda m: Path(m.group(1)).read_text(), text)
+
+
 class FakeCudaFactory:
     """Stands in for mx.fast.cuda_kernel (dynamic shared memory, no atomic outputs)."""
 
     def __init__(self):
-        self.built, self.launches, self.headers = [], [], {}
+        self.built, self.launches, self.headers, self.sources = [], [], {}, {}
 
     def __call__(self, *, name, input_names, output_names, source, header, ensure_row_contiguous,
                  shared_memory=0):
         self.built.append((name, shared_memory))
-        self.headers[name] = header
+        self.sources[name] = (source, header)
+        self.headers[name] = header = nvrtc_text(header)
         assert ensure_row_contiguous and ("bonsai_wgmma_rs" in header) == (name == "bonsai_wgmma")
         assert ("__maxnreg__" in header) == (name == "bonsai_wgmma")
 
@@ -394,3 +402,43 @@ def test_wgmma_launch(fake_hopper, kind, m):
         planes = fake_hopper.launches[-2]
         assert planes[0] == "bonsai_planes" and planes[4] == (n, K // 16)
         assert planes[5] == mx.uint32 and planes[2] == (n * K // 128, 1, 1)
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+def test_cuda_sources_come_in_by_include(fake_hopper, kind):
+    """MLX copies and hashes a kernel's source text on every call: ours is a few include lines
+    that bring in exactly the kernel files, and name every <input>_shape the body uses (MLX scans
+    the text it is given to write the kernel's parameters)."""
+    x = mx.random.normal((70, K)).astype(mx.bfloat16)
+    weight, scales = kernels.random_packed(kind, N, K)
+    for strategy in ("gemv", "gemm", "wgmma", "scratch"):
+        kernels.packed_matmul(x[:3] if strategy == "gemv" else x, weight, scales, kind,
+                              strategy=strategy)
+    assert set(fake_hopper.sources) >= {"bonsai_gemv", "bonsai_gemm", "bonsai_wgmma",
+                                        "bonsai_decode"}
+    for name, (source, header) in fake_hopper.sources.items():
+        file = f"packed_{name.removeprefix('bonsai_')}.cu"
+        assert len(source) < 300 and len(header) < 600
+        assert nvrtc_text(source).endswith((kernels.SOURCE_DIR / file).read_text() + "\n")
+        for used in set(re.findall(r"\b(?:x|weight|scales)_shape\b", kernels._source(file))):
+            assert used in source
+    assert "bonsai_wgmma_rs" in fake_hopper.headers["bonsai_wgmma"]
+
+
+def test_cuda_text_inlines_what_an_include_cannot_name(monkeypatch, tmp_path):
+    """A path an #include directive cannot quote gets the files' text instead; a change to a
+    file changes the text (MLX's compile cache is keyed by it)."""
+    monkeypatch.setattr(kernels, "_source", functools.cache(kernels._source.__wrapped__))
+    cuda_text = kernels._cuda_text.__wrapped__  # uncached
+    odd, plain = tmp_path / 'a"b', tmp_path / "plain"
+    for folder in (odd, plain):
+        folder.mkdir()
+        (folder / "one.cuh").write_text("int one; // why\n")
+    monkeypatch.setattr(kernels, "SOURCE_DIR", odd)
+    assert cuda_text("one.cuh") == "int one;\n"
+    monkeypatch.setattr(kernels, "SOURCE_DIR", plain)
+    first = cuda_text("one.cuh", mentions=("x_shape",))
+    assert first.endswith(f'#include "{plain / "one.cuh"}"\n') and "x_shape" in first
+    assert nvrtc_text(first).endswith("int one; // why\n\n")
+    (plain / "one.cuh").write_text("int two;\n")
+    assert cuda_text("one.cuh", mentions=("x_shape",)) != first
