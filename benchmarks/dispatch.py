@@ -10,7 +10,10 @@ Per path and shape:
 - build: host time to build one call's graph node (Python and MLX, no evaluation), mean of 200;
 - gpu: the GPU time of the call's kernels per call (torch.profiler / CUPTI; CUDA only).
 Paths: "kernel" = KernelSet.run (the kernel alone, what benchmarks/kernels.py times),
-"packed_matmul" = the dispatch (checks, strategy, self-check lookup), "Linear" = quant.Linear.
+"packed_matmul" = the dispatch (checks, strategy, self-check lookup), "Linear" = quant.Linear;
+"floor, N KB" = a one-line custom kernel whose text carries N KB of header: what any call of
+MLX's custom kernels costs, and what their text's length adds (MLX assembles the whole text on
+every call and hashes it at every evaluation).
 """
 
 from __future__ import annotations
@@ -50,6 +53,21 @@ def gpu_us(fn: Callable[[], mx.array], calls: int = 20) -> float | None:
     return summary["kernel_ms"] * 1e3 / calls
 
 
+def floor_kernel(backend: str, header_kb: int) -> Callable[[], mx.array]:
+    """A call of a one-line custom kernel (copy 128 floats) with `header_kb` KB of comment."""
+    if backend == "cuda":
+        factory, body = mx.fast.cuda_kernel, "out[threadIdx.x] = a[threadIdx.x];"
+    else:
+        factory, body = mx.fast.metal_kernel, "uint i = thread_position_in_grid.x; out[i] = a[i];"
+    kernel = factory(name=f"floor_{header_kb}", input_names=["a"], output_names=["out"],
+                     source=body, header="// padding\n" * (header_kb * 1024 // 11))
+    a = mx.zeros((128,))
+    mx.eval(a)
+    return lambda: kernel(inputs=[a], template=[("T", mx.float32)], grid=(128, 1, 1),
+                          threadgroup=(128, 1, 1), output_shapes=[(128,)],
+                          output_dtypes=[mx.float32])[0]
+
+
 def paths(backend: str, n: int, k: int) -> dict[str, Callable[[], mx.array]]:
     kx, kw = mx.random.split(mx.random.key(n + k))
     x = mx.random.normal((1, k), key=kx).astype(mx.bfloat16)
@@ -71,6 +89,8 @@ def paths(backend: str, n: int, k: int) -> dict[str, Callable[[], mx.array]]:
         out[f"{kind} packed_matmul"] = functools.partial(kernels.packed_matmul, x, weight,
                                                          scales, kind)
         out[f"{kind} Linear"] = functools.partial(linear, x)
+    for header_kb in (0, 16):
+        out[f"floor, {header_kb} KB"] = floor_kernel(backend, header_kb)
     return out
 
 
