@@ -45,6 +45,29 @@ __device__ __forceinline__ void bonsai_store16<float>(
   }
 }
 
+// dst[0..8) = T(+-scale): bit j of `bits` set -> +scale, clear -> -scale (binary codes; the same
+// values as bonsai_store16 of bonsai_binary_codes16). One 16-byte store, two for float.
+template <typename T>
+__device__ __forceinline__ void bonsai_store8(T* dst, uint32_t bits, float scale) {
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    v[j] = ((bits >> j) & 1u) ? scale : -scale;
+  }
+  if constexpr (sizeof(T) == 4) {
+    float4* d = reinterpret_cast<float4*>(dst);
+    d[0] = make_float4(v[0], v[1], v[2], v[3]);
+    d[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      w[j] = bonsai_pack2<T>(v[2 * j], v[2 * j + 1]);
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // out[0..16) = float(src[0..16)); 16-byte loads when `vec` (src then 16-byte aligned).
 template <typename T>
 __device__ __forceinline__ void bonsai_load16(const T* src, float* out, bool vec) {

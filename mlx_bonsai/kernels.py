@@ -278,12 +278,15 @@ class KernelSet:
 
     def decode(self, weight: mx.array, scales: mx.array, ternary: bool, dtype: mx.Dtype,
                init_value: float | None = None) -> mx.array:
-        """Dense [rows, K] in `dtype` of the packed rows given."""
+        """Dense [rows, K] in `dtype` of the packed rows given: a thread per 16 weights, in
+        whole threadgroups (the CUDA binary decode spreads a warp's 32 threads over 64 chunks of
+        8 weights, which a partial warp would leave unwritten; surplus threads write nothing)."""
         n, k = scales.shape[0], scales.shape[1] * GROUP_SIZE
+        threads = math.ceil(n * k // 16 / _DECODE_THREADS) * _DECODE_THREADS
         return self._kernel("decode", ["weight", "scales"], "dense")(
             inputs=[weight, scales],
             template=[("T", dtype), ("S", scales.dtype), ("TERNARY", ternary)],
-            grid=(n * k // 16, 1, 1),
+            grid=(threads, 1, 1),
             threadgroup=(_DECODE_THREADS, 1, 1),
             output_shapes=[(n, k)],
             output_dtypes=[dtype],
