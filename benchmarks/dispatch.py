@@ -5,8 +5,8 @@ GPU kernel time, against MLX's bf16 matmul and stock 2-bit quantized_matmul. Nee
     python benchmarks/dispatch.py --json out.json
 
 Per path and shape:
-- wall: `kernels.time_call` (batches of 20 calls evaluated together, median of 9), as in
-  benchmarks/kernels.py;
+- wall: `kernels.time_call` (batches of 20 calls evaluated together, median of 9), as
+  benchmarks/kernels.py times M = 1;
 - build: host time to build one call's graph node (Python and MLX, no evaluation), mean of 200;
 - gpu: the GPU time of the call's kernels per call (torch.profiler / CUPTI; CUDA only).
 Paths: "kernel" = KernelSet.run (the kernel alone, what benchmarks/kernels.py times),
@@ -105,7 +105,8 @@ def main() -> int:
     for n, k in NK:
         for label, fn in paths(backend, n, k).items():
             row = dict(n=n, k=k, path=label,
-                       wall_us=kernels.time_call(fn, warmup=5, repeats=9, calls=20) * 1e6,
+                       wall_us=kernels.time_call(fn, warmup=5, repeats=9, calls=20,
+                                                 together=True) * 1e6,
                        build_us=build_us(fn), gpu_us=gpu_us(fn))
             results["rows"].append(row)
     if args.json:

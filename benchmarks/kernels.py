@@ -11,9 +11,11 @@ dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs
 (init_value) so unwritten elements fail; relative error max|y - ref| / max|ref| <= 1e-2 against
 x(float32) @ W(float32)^T, NaN never passes. Then the dispatch (packed_matmul) must pass its
 self-checks without a warning.
-Timing: median time per call (batches of calls evaluated together after warm-up, the way a
-model calls them) of MLX's bf16 matmul (the ceiling), MLX's quantized_matmul with bits 2 and 1
-(where the backend has it), and our kernels per strategy; TFLOP/s = 2*M*N*K / time.
+Timing: median time per call (`kernels.time_call`: runs of calls, each queued as its own
+evaluation so that the GPU runs them one after another, as a model's dependent layers run; at
+M = 1, where the host decides, each run's calls are evaluated together) of MLX's bf16 matmul (the
+ceiling), MLX's quantized_matmul with bits 2 and 1 (where the backend has it), and our kernels
+per strategy; TFLOP/s = 2*M*N*K / time.
 """
 
 from __future__ import annotations
@@ -155,10 +157,13 @@ def time_baselines(x, weight, scales, calls):
     """bf16 matmul with the decoded weight, and MLX's quantized_matmul of it at bits 2 and 1."""
     dense = kernels.unpack_binary(weight, scales, mx.bfloat16)
     mx.eval(dense)
-    times = {"bf16": kernels.time_call(lambda: x @ dense.T, repeats=7, calls=calls)}
+    together = x.shape[0] == 1  # see kernels.time_call
+    times = {"bf16": kernels.time_call(lambda: x @ dense.T, repeats=7, calls=calls,
+                                       together=together)}
     for bits in (2, 1):
         fn = baseline_quantized(x, dense, bits)
-        times[f"q{bits}"] = kernels.time_call(fn, repeats=7, calls=calls) if fn else None
+        times[f"q{bits}"] = (kernels.time_call(fn, repeats=7, calls=calls, together=together)
+                             if fn else None)
     return times
 
 
@@ -175,7 +180,8 @@ def run_timing(ks, extra):
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
                 for label, fn in cands.items():
                     row[f"{kind}_{label}"] = kernels.time_call(
-                        functools.partial(fn, x, w, s, kind), repeats=7, calls=calls)
+                        functools.partial(fn, x, w, s, kind), repeats=7, calls=calls,
+                        together=m == 1)
             row["auto"] = kernels.choose_strategy(ks.backend, "binary", m, n, k, mx.bfloat16)
             rows.append(row)
             best = min(row[f"binary_{label}"] for label in cands)

@@ -584,15 +584,30 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,
-              calls: int = 10) -> float:
-    """Median seconds per call of `fn`: `repeats` batches of `calls` calls, each batch evaluated
-    together (so MLX's per-call dispatch counts, as in a model), after `warmup` calls."""
+              calls: int = 10, together: bool = False) -> float:
+    """Median seconds per call of `fn` over `repeats` runs of `calls` calls, after `warmup`.
+
+    By default each call is queued as an evaluation of its own, so the GPU runs them one after
+    another, as a model's dependent layers run, while Python builds the next call. Calls
+    evaluated together are independent nodes of one CUDA graph, which MLX's CUDA backend runs
+    concurrently, filling each other's idle SMs: that flattered the wgmma kernel by up to 1.45x at
+    1536 rows (H100, BENCHMARKS.md, session 10). `together=True` evaluates each run's calls
+    together: for host-bound calls (one row of x), where one evaluation per call would time
+    mostly the evaluation."""
     for _ in range(warmup):
         mx.eval(fn())
     times = []
     for _ in range(repeats):
+        mx.synchronize()
         t0 = time.perf_counter()
-        mx.eval([fn() for _ in range(calls)])
+        if together:
+            mx.eval([fn() for _ in range(calls)])
+        else:
+            outs = []  # held until the GPU has run them all
+            for _ in range(calls):
+                outs.append(fn())
+                mx.async_eval(outs[-1])
+            mx.synchronize()
         times.append((time.perf_counter() - t0) / calls)
     return sorted(times)[len(times) // 2]
 
@@ -602,9 +617,10 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
     """Time every strategy at each (M, N, K) on this GPU and use the fastest from then on.
 
     Returns {shape: {strategy: seconds}}. Strategies that fail their self-check are skipped.
-    Calls are timed alone, in batches: inside a whole step the order can differ (on an H100,
-    binary wgmma won call by call at 1536 rows, yet the 512^2 step ran 6-7% faster with those
-    calls on scratch; BENCHMARKS.md, session 8), so check a tuned choice with a whole step.
+    Calls are timed one after another, alone: inside a whole step the order can differ, as MLX's
+    CUDA graphs run independent work concurrently, e.g. a scratch decode (it needs only the
+    weights) beside earlier layers (BENCHMARKS.md, sessions 8 and 10), so check a tuned choice
+    with a whole step.
     """
     backend = _device_backend()
     if backend is None:
@@ -623,7 +639,7 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
                                                             scale_dtype, m):
                 timings[strategy] = time_call(functools.partial(
-                    ks.run, strategy, x, weight, scales, kind))
+                    ks.run, strategy, x, weight, scales, kind), together=m == 1)
         if timings:
             _TUNED[(backend, kind, dtype, m, n, k)] = min(timings, key=timings.get)
         results[(m, n, k)] = timings

@@ -462,3 +462,26 @@ def test_cuda_text_inlines_what_an_include_cannot_name(monkeypatch, tmp_path):
     assert nvrtc_text(first).endswith("int one; // why\n\n")
     (plain / "one.cuh").write_text("int two;\n")
     assert cuda_text("one.cuh", mentions=("x_shape",)) != first
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_time_call_evaluates_each_call_on_its_own(monkeypatch, together):
+    """Timed calls are queued one evaluation each (never one graph of independent calls, which
+    MLX's CUDA backend may run concurrently) unless `together`; every result is computed."""
+    evaluated, made = [], []
+    real_async_eval = mx.async_eval
+
+    def fn():
+        made.append(mx.array([float(len(made))]) * 2)
+        return made[-1]
+
+    def async_eval(*arrays):
+        evaluated.append(len(arrays))
+        real_async_eval(*arrays)
+
+    monkeypatch.setattr(kernels.mx, "async_eval", async_eval)
+    seconds = kernels.time_call(fn, warmup=2, repeats=3, calls=4, together=together)
+    assert seconds > 0
+    assert len(made) == 2 + 3 * 4
+    assert evaluated == ([] if together else [1] * (3 * 4))
+    assert [y.item() for y in made] == [2.0 * i for i in range(14)]
