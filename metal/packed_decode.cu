@@ -1,7 +1,8 @@
 // CUDA twin of packed_decode.metal for mx.fast.cuda_kernel: dense[Nc, K] (T) = the packed rows,
 // 16 inputs a thread. MLX generates the signature (weight, scales, scales_shape, dense) and
 // defines template T (__half | __nv_bfloat16 | float), S, TERNARY as constants.
-//   grid (Nc * K / 16, 1, 1), threadgroup (256, 1, 1)
+//   grid (Nc * K / 16 rounded up to whole threadgroups, 1, 1), threadgroup (256, 1, 1); 32-bit
+//   indices: Nc * K / 8 < 2^32
 //
 // Ternary: thread i decodes the run of 16 inputs i, as the Metal kernel does. Binary: the same
 // values, another assignment of threads to them, so that each store instruction of a warp writes

@@ -4,7 +4,7 @@
 //           and scales_shape (used below)
 //   output  dense [Nc, K] (T)
 //   template T, S, TERNARY (bool)
-//   grid (Nc * K / 16, 1, 1), threadgroup (256, 1, 1)
+//   grid (Nc * K / 16 rounded up to whole threadgroups, 1, 1), threadgroup (256, 1, 1)
 // Twin: packed_decode.cu. Thread i decodes the run of 16 inputs i of the row-major output.
 
 const int N = scales_shape[0];
