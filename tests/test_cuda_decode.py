@@ -1,10 +1,12 @@
-"""The Hopper kernel's weight decoding, run on the CPU from the real CUDA source text.
+"""CUDA weight decoding run on the CPU from the real source text: the Hopper kernel's decoders
+and the decode to scratch.
 
 packed_wgmma.cu cannot run here (no GPU; benchmarks/kernels.py checks it on one). What can: its
 decode arithmetic. metal/packed_planes.cu (ternary base-3 -> 2-bit planes) executes thread by
 thread as host C++, and the pair decoders of metal/bonsai_wgmma.cuh rebuild every weight of a
 row from the words that packed_wgmma.cu feeds them (per k16 step, lane t: pairs (2t, 2t+1) and
-(2t+8, 2t+9)); the result must equal the reference unpack bit for bit.
+(2t+8, 2t+9)); the result must equal the reference unpack bit for bit. packed_decode.cu runs
+whole, thread by thread, over the launch the dispatch makes, with the same bit-for-bit check.
 """
 
 import shutil
@@ -121,3 +123,133 @@ def test_wgmma_decode_equals_the_reference_unpack(decoder, kind):
     assert np.array_equal(got, want)
     if kind == "ternary":  # zero weights decode to +0, not -0, exactly as the reference
         assert (got == 0).any() and not (got == 0x8000).any()
+
+
+DECODE_HARNESS = r"""
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#define __device__
+#define __forceinline__ inline
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+struct __nv_bfloat162 { uint16_t lo, hi; };
+struct __half2 { uint16_t lo, hi; };
+struct uint4 { uint32_t x, y, z, w; };
+struct float4 { float x, y, z, w; };
+struct dim3 { unsigned x, y, z; };
+struct Shape { int v[2]; int operator[](int i) const { return v[i]; } };
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint16_t bf16_rn(float f) {  // round to nearest even, as __floats2bfloat162_rn (no NaN here)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {bf16_rn(lo), bf16_rn(hi)};
+}
+inline __half2 __floats2half2_rn(float, float) { return {0, 0}; }  // not instantiated
+inline uint32_t __cvta_generic_to_shared(const void*) { return 0; }
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+@HEADERS@
+template <typename T, typename S, bool TERNARY, typename P>
+static void decode_thread(const P* weight, const S* scales, Shape scales_shape, T* dense,
+                          dim3 blockIdx, dim3 blockDim, dim3 threadIdx) {
+@BODY@
+}
+template <bool TERNARY, typename P>
+static void run(const std::vector<uint8_t>& packed, const std::vector<float>& scales, int n,
+                int k, unsigned blocks, unsigned block, std::vector<uint16_t>& out) {
+  const P* weight = reinterpret_cast<const P*>(packed.data());
+  const Shape shape{{n, k / 128}};
+  __nv_bfloat16* dense = reinterpret_cast<__nv_bfloat16*>(out.data());
+  for (unsigned b = 0; b < blocks; ++b) {
+    for (unsigned t = 0; t < block; ++t) {
+      decode_thread<__nv_bfloat16, float, TERNARY, P>(weight, scales.data(), shape, dense,
+                                                      dim3{b, 0, 0}, dim3{block, 1, 1},
+                                                      dim3{t, 0, 0});
+    }
+  }
+}
+// stdin: kind (0 binary, 1 ternary), N, K, blocks, threads a block, the N * K / 128 scales (float
+// bits), the packed row bytes; stdout: dense bf16 bit patterns (0x7fc1 where nothing was written).
+int main() {
+  int kind, n, k;
+  unsigned blocks, block;
+  if (scanf("%d %d %d %u %u", &kind, &n, &k, &blocks, &block) != 5) return 1;
+  std::vector<float> scales(size_t(n) * (k / 128));
+  for (auto& s : scales) { uint32_t v; scanf("%u", &v); memcpy(&s, &v, 4); }
+  std::vector<uint8_t> packed(size_t(n) * (kind ? k / 128 * 26 : k / 8) + 16);
+  for (size_t i = 0; i + 16 < packed.size(); ++i) {  // 16 spare zero bytes: no overrun
+    unsigned v;
+    scanf("%u", &v);
+    packed[i] = uint8_t(v);
+  }
+  std::vector<uint16_t> out(size_t(n) * k, 0x7fc1);
+  if (kind) run<true, uint8_t>(packed, scales, n, k, blocks, block, out);
+  else run<false, uint32_t>(packed, scales, n, k, blocks, block, out);
+  for (uint16_t v : out) printf("%u\n", v);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def scratch_decoder(tmp_path_factory):
+    gxx = shutil.which("g++")
+    assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
+    src = (DECODE_HARNESS.replace("@HEADERS@", kernels._source("bonsai_decode.h")
+                                  + kernels._source("bonsai_cuda.cuh"))
+           .replace("@BODY@", kernels._source("packed_decode.cu")))
+    build = tmp_path_factory.mktemp("cuda_scratch_decode")
+    (build / "harness.cpp").write_text(src)
+    exe = build / "harness"
+    subprocess.run([gxx, "-std=c++17", "-O1", "-w", "-o", str(exe), str(build / "harness.cpp")],
+                   check=True, capture_output=True, text=True)
+
+    def decode(kind: str, weight: mx.array, scales: mx.array, grid: int, group: int) -> np.ndarray:
+        """packed_decode.cu run thread by thread over the launch MLX makes of (grid, group):
+        min(group, grid) threads a block, ceil(grid / that) blocks."""
+        n, k = scales.shape[0], scales.shape[1] * 128
+        block = min(group, grid)
+        blocks = -(-grid // block)
+        rows = np.array(weight).view(np.uint8).reshape(-1)
+        s_bits = np.array(scales.astype(mx.float32)).view(np.uint32).reshape(-1)
+        text = " ".join(map(str, [int(kind == "ternary"), n, k, blocks, block, *s_bits, *rows]))
+        out = subprocess.run([str(exe)], input=text, check=True, capture_output=True, text=True)
+        return np.array(out.stdout.split(), dtype=np.uint16).reshape(n, k)
+
+    return decode
+
+
+def decode_launch(kind: str, weight: mx.array, scales: mx.array) -> tuple[int, int]:
+    """(grid, threadgroup) of the launch KernelSet.decode makes on CUDA for these rows."""
+    seen = {}
+
+    def factory(**_):
+        def launch(**args):
+            seen.update(args)
+            return [mx.zeros(args["output_shapes"][0], args["output_dtypes"][0])]
+        return launch
+
+    kernels.KernelSet("cuda", factory).decode(weight, scales, kind == "ternary", mx.bfloat16)
+    return seen["grid"][0], seen["threadgroup"][0]
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+@pytest.mark.parametrize("n, k", [(3, 128), (5, 640), (202, 384)])
+def test_scratch_decode_writes_every_weight_exactly(scratch_decoder, kind, n, k):
+    """The CUDA decode to scratch (binary: two 8-weight chunks a thread, spread over the warp),
+    over exactly the launch the dispatch makes: every weight written, bit-equal to the reference
+    unpack; (3, 128) is smaller than one threadgroup, (202, 384) ends inside a warp."""
+    weight, scales = kernels.random_packed(kind, n, k, key=mx.random.key(7))
+    if kind == "ternary":  # zeros, both signs and the last byte's digits all occur
+        weight = mx.concatenate([mx.full((1, weight.shape[1]), 121, mx.uint8), weight[1:]])
+    grid, group = decode_launch(kind, weight, scales)
+    got = scratch_decoder(kind, weight, scales, grid, group)
+    unpack = kernels.unpack_binary if kind == "binary" else kernels.unpack_ternary
+    want = np.array(unpack(weight, scales, mx.bfloat16).view(mx.uint16))
+    assert not (got == 0x7FC1).any(), "weights left unwritten"
+    assert np.array_equal(got, want)
