@@ -11,6 +11,7 @@ whole, thread by thread, over the launch the dispatch makes, with the same bit-f
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -83,18 +84,25 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
+def compile_harness(tmp_path_factory, harness: str, **parts: str) -> Path:
+    """The C++ `harness` with each @NAME@ replaced by the comment-stripped text of the kernel
+    source files parts[NAME] (space-separated), built by g++."""
     gxx = shutil.which("g++")
     assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
-    src = (HARNESS.replace("@HEADERS@", kernels._source("bonsai_decode.h")
-                           + kernels._source("bonsai_wgmma.cuh"))
-           .replace("@PLANES@", kernels._source("packed_planes.cu")))
-    build = tmp_path_factory.mktemp("cuda_decode")
-    (build / "harness.cpp").write_text(src)
+    for name, files in parts.items():
+        harness = harness.replace(f"@{name}@", "".join(map(kernels._source, files.split())))
+    build = tmp_path_factory.mktemp("cuda_harness")
+    (build / "harness.cpp").write_text(harness)
     exe = build / "harness"
     subprocess.run([gxx, "-std=c++17", "-O1", "-w", "-o", str(exe), str(build / "harness.cpp")],
                    check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    exe = compile_harness(tmp_path_factory, HARNESS, HEADERS="bonsai_decode.h bonsai_wgmma.cuh",
+                          PLANES="packed_planes.cu")
 
     def decode(kind: str, weight: mx.array, scales: mx.array) -> np.ndarray:
         n, k = scales.shape[0], scales.shape[1] * 128
@@ -198,16 +206,8 @@ int main() {
 
 @pytest.fixture(scope="module")
 def scratch_decoder(tmp_path_factory):
-    gxx = shutil.which("g++")
-    assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
-    src = (DECODE_HARNESS.replace("@HEADERS@", kernels._source("bonsai_decode.h")
-                                  + kernels._source("bonsai_cuda.cuh"))
-           .replace("@BODY@", kernels._source("packed_decode.cu")))
-    build = tmp_path_factory.mktemp("cuda_scratch_decode")
-    (build / "harness.cpp").write_text(src)
-    exe = build / "harness"
-    subprocess.run([gxx, "-std=c++17", "-O1", "-w", "-o", str(exe), str(build / "harness.cpp")],
-                   check=True, capture_output=True, text=True)
+    exe = compile_harness(tmp_path_factory, DECODE_HARNESS,
+                          HEADERS="bonsai_decode.h bonsai_cuda.cuh", BODY="packed_decode.cu")
 
     def decode(kind: str, weight: mx.array, scales: mx.array, grid: int, group: int) -> np.ndarray:
         """packed_decode.cu run thread by thread over the launch MLX makes of (grid, group):
