@@ -34,7 +34,8 @@ bf16 activations):
   compiled;
 - --blocks: model.transformer_blocks[0] and model.single_transformer_blocks[0] alone, the same way;
 - --trace (CUDA only, best effort): GPU kernels of one eager step via torch.profiler (CUPTI), top 15
-  by total device time; MLX launches through CUDA graphs, which CUPTI may not attribute.
+  by total device time, and the time the GPU ran any kernel (MLX's CUDA graphs run independent
+  kernels concurrently); MLX launches through CUDA graphs, which CUPTI may not attribute.
 Progress goes out line by line; --json is rewritten after every measurement; the table comes last,
 also after --deadline, SIGTERM or Ctrl-C. Exit status: 1 if a measurement failed, 2 if interrupted.
 """
@@ -45,6 +46,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import signal
@@ -212,9 +214,22 @@ def time_calls(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[dict[
     return numbers, first
 
 
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals in us, in ms: the time the GPU ran at least
+    one kernel (MLX's CUDA graphs run independent kernels concurrently, so the kernels' summed
+    time can exceed it)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
 def kernel_summary(fn: Callable[..., Any], args: tuple) -> dict[str, Any]:
     """GPU activity (kernels, copies) of one call recorded by torch.profiler: per name, count and
-    total ms; wall_ms is the call's wall clock under the profiler."""
+    total ms; wall_ms is the call's wall clock under the profiler, busy_ms the time at least one
+    kernel ran."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -224,16 +239,19 @@ def kernel_summary(fn: Callable[..., Any], args: tuple) -> dict[str, Any]:
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3
     totals: dict[str, list[float]] = {}
+    intervals = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = totals.setdefault(event.name, [0, 0.0])
             entry[0] += 1
             entry[1] += event.time_range.elapsed_us() / 1e3
+            intervals.append((event.time_range.start, event.time_range.end))
     if not totals:
         raise RuntimeError("the profiler recorded no CUDA kernels (CUPTI did not see MLX's)")
     rows = sorted(({"name": n, "count": c, "total_ms": ms} for n, (c, ms) in totals.items()),
                   key=lambda r: -r["total_ms"])
-    return dict(wall_ms=wall_ms, kernel_ms=sum(r["total_ms"] for r in rows), kernels=rows)
+    return dict(wall_ms=wall_ms, kernel_ms=sum(r["total_ms"] for r in rows),
+                busy_ms=busy_ms(intervals), kernels=rows)
 
 
 def trace_problem() -> str | None:
@@ -363,8 +381,9 @@ class Bench:
         self.save()
         kernel_list = summary["kernels"]
         self.log(f"trace {variant} {size}: {len(kernel_list)} kernel names, "
-                 f"{summary['kernel_ms']:.2f} ms of kernels in a {summary['wall_ms']:.2f} ms step "
-                 "(profiled); top 15:")
+                 f"{summary['kernel_ms']:.2f} ms of kernels, the GPU busy for "
+                 f"{summary['busy_ms']:.2f} ms (the rest ran concurrently), in a "
+                 f"{summary['wall_ms']:.2f} ms step (profiled); top 15:")
         for r in kernel_list[:15]:
             print(f"    {r['total_ms']:9.3f} ms {r['count']:6d}x  {r['name'][:110]}", flush=True)
 
