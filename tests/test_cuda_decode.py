@@ -19,9 +19,12 @@ import pytest
 
 from mlx_bonsai import kernels
 
-HARNESS = r"""
+# What CUDA source needs to compile as host C++: device qualifiers, the 16-bit types (bit
+# patterns only), launch coordinates and MLX's shape parameter.
+PRELUDE = r"""
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 #define __device__
 #define __forceinline__ inline
@@ -29,6 +32,9 @@ struct __nv_bfloat16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 struct dim3 { unsigned x, y, z; };
 struct Shape { int v[2]; int operator[](int i) const { return v[i]; } };
+"""
+
+HARNESS = PRELUDE + r"""
 @HEADERS@
 static void planes_thread(const uint8_t* weight, Shape weight_shape, uint32_t* planes,
                           dim3 blockIdx, dim3 blockDim, dim3 threadIdx) {
@@ -133,21 +139,11 @@ def test_wgmma_decode_equals_the_reference_unpack(decoder, kind):
         assert (got == 0).any() and not (got == 0x8000).any()
 
 
-DECODE_HARNESS = r"""
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <vector>
-#define __device__
-#define __forceinline__ inline
-struct __nv_bfloat16 { uint16_t bits; };
-struct __half { uint16_t bits; };
+DECODE_HARNESS = PRELUDE + r"""
 struct __nv_bfloat162 { uint16_t lo, hi; };
 struct __half2 { uint16_t lo, hi; };
 struct uint4 { uint32_t x, y, z, w; };
 struct float4 { float x, y, z, w; };
-struct dim3 { unsigned x, y, z; };
-struct Shape { int v[2]; int operator[](int i) const { return v[i]; } };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint16_t bf16_rn(float f) {  // round to nearest even, as __floats2bfloat162_rn (no NaN here)
