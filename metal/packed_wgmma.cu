@@ -4,10 +4,11 @@
 // packed_gemm.*.
 //
 // The product is computed transposed, D = W x^T: a block of WG warpgroups owns BN = 64 * WG
-// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: BM / 128 n128 MMAs per
-// k16 step), fp32 accumulators in registers. Each thread decodes exactly the
-// weights of its own A fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9
-// of each k16 step), so decoded weights never touch shared memory; only x does. x advances 64
+// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n128 or n256 MMA per
+// k16 step), fp32 accumulators in registers. Each thread decodes exactly the weights of its own A
+// fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9 of each k16 step), so
+// decoded weights never touch shared memory; only x does, and each decoded fragment feeds BM
+// rows of x (256-row blocks halve the decoding per product; kernels.py). x advances 64
 // inputs per stage (one 128-byte, 128B-swizzled row of T per x row, the layout wgmma's
 // descriptors read) through a ring of STAGES slots filled by cp.async AHEAD stages in advance.
 // Each stage's MMAs are issued in two halves (two k16 steps each) from two sets of fragment
@@ -31,7 +32,7 @@ constexpr int BN = 64 * WG;
 constexpr int THREADS = 128 * WG;
 constexpr int SLOT = BM * BK * 2;  // bytes of one x stage
 constexpr int CHUNKS = BM * (BK / 8) / THREADS;  // 16-byte pieces of x a thread copies a stage
-constexpr int XSUB = BM / 128;  // n128 MMAs per k16 step
+constexpr int XSUB = BM / 128;  // 128-row halves of x (n256: the accumulators of two n128 MMAs)
 constexpr int ACC = BM / 2;  // fp32 accumulators per thread (64 weight rows x BM / 128 threads)
 constexpr int AHEAD = STAGES - 2;  // stages in flight beyond the one multiplied
 constexpr int EROW = BN * 2 + 16;  // epilogue row bytes; the 16 keep the scatter conflict-free
@@ -166,20 +167,19 @@ auto mma_half = [&](Half& f, uint32_t b, int half) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
-#pragma unroll
-    for (int j = 0; j < XSUB; ++j) {
-      const uint32_t xq = b + j * 128 * 128 + (2 * half + q) * 32;
-      bonsai_wgmma_rs<T>(&acc[j * 64], f[q], bonsai_wgmma_desc(xq));
-    }
+    // One MMA over all BM rows of x: for BM = 256, one n256 ran a median 5% faster than two
+    // n128 (0.95-1.25x over the model's shapes at 1024-4608 rows; H100, BENCHMARKS.md).
+    bonsai_wgmma_rs<T, BM>(acc, f[q], bonsai_wgmma_desc(b + (2 * half + q) * 32));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 };
 // Stage kt: its words are in buffer P, the next stage's in NP, its first half already decoded
 // into fa. Each half's wait_group 1 retires the MMAs of the other fragment set, which is then
-// decoded while this half multiplies. Ternary tiles want more registers than two blocks per SM
-// allow (164 a thread with nvcc 13.0's ptxas); kernels.py caps them at 128 (__maxnreg__): a few
-// spills, 9-19% faster than one block per SM at the step's large shapes (BENCHMARKS.md).
+// decoded while this half multiplies. Ternary 128-row tiles want more registers than two blocks
+// per SM allow (164 a thread with nvcc 13.0's ptxas); kernels.py caps them at 128 (__maxnreg__):
+// a few spills, 9-19% faster than one block per SM at the step's large shapes (BENCHMARKS.md).
+// 256-row tiles hold twice the accumulators and run one block per SM (cap 255).
 auto step = [&](int kt, auto P, auto NP, auto vec) {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

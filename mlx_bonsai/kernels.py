@@ -91,11 +91,13 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # rows or from 1024 rows were 8-17% slower at 512^2. Before these rules: binary 1024^2 1.21 ->
 # 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x (H200).
 _WGMMA_ROWS = {"binary": (1, 1536), "ternary": (512, 1536)}
-# (BM, WG, STAGES) of every wgmma launch: BM rows of x by 64 * WG weight rows per block, a ring of
-# STAGES x stages. Measured on an H200 at the model's shapes (BENCHMARKS.md): 128 x 128 blocks
-# (two per SM) beat 256-row ones and 128 x 64 ones (WG = 1) everywhere, and a 4-stage ring a
-# 3-stage one (by 1-2% at each of the step's M, 512 to 4608).
+# (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
+# STAGES x stages; 128-row blocks two per SM (128 registers a thread), 256-row ones one per SM
+# (255). From WGMMA_WIDE_FROM rows of x, 256-row blocks: each decoded weight then feeds twice the
+# MMA work (H100, session 11, BENCHMARKS.md).
 WGMMA_TILE = (128, 2, 4)
+WGMMA_WIDE_TILE = (256, 2, 4)
+WGMMA_WIDE_FROM = 1024
 _TUNED: dict[tuple, str] = {}
 _FUSED_ONLY = contextvars.ContextVar("mlx_bonsai_fused_only", default=False)
 
@@ -206,7 +208,7 @@ class KernelSet:
         if strategy == "gemm":
             return self.gemm_tile(m)
         if strategy == "wgmma":
-            return WGMMA_TILE
+            return WGMMA_WIDE_TILE if m >= WGMMA_WIDE_FROM else WGMMA_TILE
         return ()
 
     def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
@@ -236,7 +238,8 @@ class KernelSet:
         smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
                               key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
-                              headers=("bonsai_wgmma.cuh",), header=_register_cap(2 * threads))
+                              headers=("bonsai_wgmma.cuh",),
+                              header=_register_cap(threads * (2 if bm == 128 else 1)))
         return kernel(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),

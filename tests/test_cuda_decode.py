@@ -7,8 +7,11 @@ thread as host C++, and the pair decoders of metal/bonsai_wgmma.cuh rebuild ever
 row from the words that packed_wgmma.cu feeds them (per k16 step, lane t: pairs (2t, 2t+1) and
 (2t+8, 2t+9)); the result must equal the reference unpack bit for bit. packed_decode.cu runs
 whole, thread by thread, over the launch the dispatch makes, with the same bit-for-bit check.
+The wgmma asm statements, as the preprocessor expands bonsai_wgmma.cuh's macros, must name every
+operand once, in the order PTX reads them.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -249,3 +252,37 @@ def test_scratch_decode_writes_every_weight_exactly(scratch_decoder, kind, n, k)
     want = np.array(unpack(weight, scales, mx.bfloat16).view(mx.uint16))
     assert not (got == 0x7FC1).any(), "weights left unwritten"
     assert np.array_equal(got, want)
+
+
+def wgmma_asm_statements() -> list[str]:
+    """The wgmma asm statements of metal/bonsai_wgmma.cuh as g++'s preprocessor expands them
+    (adjacent string literals joined, accumulator indices evaluated, whitespace removed)."""
+    gxx = shutil.which("g++")
+    assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
+    text = PRELUDE + kernels._source("bonsai_wgmma.cuh")
+    out = subprocess.run([gxx, "-E", "-P", "-x", "c++", "-"], input=text, check=True,
+                         capture_output=True, text=True).stdout
+    out = re.sub(r'"\s*"', "", out)
+    out = re.sub(r"d\[([0-9 +]+)\]", lambda m: f"d[{sum(map(int, m[1].split('+')))}]", out)
+    return re.findall(r"asm volatile\((\"\{\\n\.reg \.pred p;.*?\"\(1\))\)", out, re.S)
+
+
+def test_wgmma_asm_names_each_operand_once_in_order():
+    """The four MMAs (n128, n256; bf16, f16) as PTX names them: the N / 2 accumulators %0 ..,
+    then the four A registers, the B descriptor and the scale-d flag; operand i of the
+    accumulator list is d[i]. A wrong number here multiplies into the wrong registers."""
+    found = {}
+    for stmt in wgmma_asm_statements():
+        shape = re.search(r"m64n(\d+)k16\.f32\.(\w+)\.", stmt)
+        n, ty = int(shape[1]), shape[2]
+        half = n // 2
+        regs = re.search(r"\{(%[0-9, %]+)\}, \{(%[0-9, %]+)\}, (%\d+), p", stmt)
+        assert regs[1].split(", ") == [f"%{i}" for i in range(half)]
+        assert regs[2].split(", ") == [f"%{half + i}" for i in range(4)]
+        assert regs[3] == f"%{half + 4}" and f"setp.ne.b32 p, %{half + 5}, 0" in stmt
+        outputs = re.findall(r'"\+f"\(d\[(\d+)\]\)', stmt)
+        assert outputs == [str(i) for i in range(half)]
+        inputs = re.sub(r"\s", "", stmt.rsplit(":", 1)[1])
+        assert inputs == '"r"(a[0]),"r"(a[1]),"r"(a[2]),"r"(a[3]),"l"(desc_b),"r"(1)'
+        found[(n, ty)] = found.get((n, ty), 0) + 1
+    assert found == {(128, "bf16"): 1, (128, "f16"): 1, (256, "bf16"): 1, (256, "f16"): 1}

@@ -406,16 +406,18 @@ def test_wgmma_launch(fake_hopper, kind, m):
     ref = kernels.reference_matmul(x, weight, scales, kind)
     assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
     stages = 4
+    bm = 128 if m < 1024 else 256  # x rows per block
     launch = fake_hopper.launches[-1]
     assert launch[0] == "bonsai_wgmma" and launch[4] == (m, n)
-    assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=128,
+    assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=bm,
                              WG=2, STAGES=stages)
-    assert launch[2] == (2 * 256, math.ceil(m / 128), 1) and launch[3] == (256, 1, 1)
+    assert launch[2] == (2 * 256, math.ceil(m / bm), 1) and launch[3] == (256, 1, 1)
     # The x ring (or the epilogue tile) plus the 1 KiB alignment slack.
-    smem = max(stages * 128 * 128, 128 * (256 + 16)) + 1024
+    smem = max(stages * bm * 128, bm * (256 + 16)) + 1024
     assert ("bonsai_wgmma", smem) in fake_hopper.built
-    # Two 256-thread blocks per SM: the kernel's declaration is capped at 65536 / 512 registers.
-    cap = "#define __global__ __location__(global) __maxnreg__(128)\n"
+    # 256-thread blocks, two per SM for 128 rows of x (65536 / 512 registers a thread), one for
+    # 256 (65536 / 256, at most 255).
+    cap = f"#define __global__ __location__(global) __maxnreg__({128 if bm == 128 else 255})\n"
     assert cap in fake_hopper.headers["bonsai_wgmma"]
     if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
         planes = fake_hopper.launches[-2]
