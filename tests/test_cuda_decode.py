@@ -93,17 +93,22 @@ int main() {
 """
 
 
+def gxx() -> str:
+    """The g++ that builds and preprocesses CUDA sources as host C++ here."""
+    path = shutil.which("g++")
+    assert path, "tests/test_cuda_decode.py needs g++ to run CUDA sources on the CPU"
+    return path
+
+
 def compile_harness(tmp_path_factory, harness: str, **parts: str) -> Path:
     """The C++ `harness` with each @NAME@ replaced by the comment-stripped text of the kernel
     source files parts[NAME] (space-separated), built by g++."""
-    gxx = shutil.which("g++")
-    assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
     for name, files in parts.items():
         harness = harness.replace(f"@{name}@", "".join(map(kernels._source, files.split())))
     build = tmp_path_factory.mktemp("cuda_harness")
     (build / "harness.cpp").write_text(harness)
     exe = build / "harness"
-    subprocess.run([gxx, "-std=c++17", "-O1", "-w", "-o", str(exe), str(build / "harness.cpp")],
+    subprocess.run([gxx(), "-std=c++17", "-O1", "-w", "-o", str(exe), str(build / "harness.cpp")],
                    check=True, capture_output=True, text=True)
     return exe
 
@@ -257,10 +262,8 @@ def test_scratch_decode_writes_every_weight_exactly(scratch_decoder, kind, n, k)
 def wgmma_asm_statements() -> list[str]:
     """The wgmma asm statements of metal/bonsai_wgmma.cuh as g++'s preprocessor expands them
     (adjacent string literals joined, accumulator indices evaluated, whitespace removed)."""
-    gxx = shutil.which("g++")
-    assert gxx, "tests/test_cuda_decode.py needs g++ to run the CUDA decode source on the CPU"
     text = PRELUDE + kernels._source("bonsai_wgmma.cuh")
-    out = subprocess.run([gxx, "-E", "-P", "-x", "c++", "-"], input=text, check=True,
+    out = subprocess.run([gxx(), "-E", "-P", "-x", "c++", "-"], input=text, check=True,
                          capture_output=True, text=True).stdout
     out = re.sub(r'"\s*"', "", out)
     out = re.sub(r"d\[([0-9 +]+)\]", lambda m: f"d[{sum(map(int, m[1].split('+')))}]", out)
