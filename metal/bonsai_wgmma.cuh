@@ -29,17 +29,17 @@ struct BonsaiSame<A, A> {
   static constexpr bool value = true;
 };
 
-// wgmma m64nNk16 (N = 128 | 256) with A from registers: d (64 x N fp32 per warpgroup, wgmma's
-// fragment layout) += A (64 x 16, this thread's four registers of T pairs, mma.sync's A layout per
-// warp) * B (16 x N, K-major in shared memory, see bonsai_wgmma_desc). The asm names the N / 2
-// accumulators first (%0 ..), then a[0..3], desc_b and the scale-d flag; the n256 accumulators are
-// those of two n128 MMAs in a row. Asynchronous: wgmma.wait_group before reading d or rewriting a.
+// wgmma m64nNk16 (N = 128 | 192 | 256) with A from registers: d (64 x N fp32 per warpgroup,
+// wgmma's fragment layout: d[4 b + e] is column 8 b + 2 t + e % 2, row g + 8 (e / 2)) += A (64 x
+// 16, this thread's four registers of T pairs, mma.sync's A layout per warp) * B (16 x N, K-major
+// in shared memory, see bonsai_wgmma_desc). The asm names the N / 2 accumulators first (%0 ..),
+// then a[0..3], desc_b and the scale-d flag. Asynchronous: wgmma.wait_group before reading d or
+// rewriting a.
 #define BONSAI_D8(i)                                                                          \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
-#define BONSAI_D64(i)                                                                         \
-  BONSAI_D8(i), BONSAI_D8(i + 8), BONSAI_D8(i + 16), BONSAI_D8(i + 24), BONSAI_D8(i + 32),    \
-      BONSAI_D8(i + 40), BONSAI_D8(i + 48), BONSAI_D8(i + 56)
+#define BONSAI_D32(i) BONSAI_D8(i), BONSAI_D8(i + 8), BONSAI_D8(i + 16), BONSAI_D8(i + 24)
+#define BONSAI_D64(i) BONSAI_D32(i), BONSAI_D32(i + 32)
 #define BONSAI_REGS_0 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
@@ -47,32 +47,38 @@ struct BonsaiSame<A, A> {
   "%56, %57, %58, %59, %60, %61, %62, %63"
 #define BONSAI_REGS_64 \
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
-  "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, " \
-  "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, " \
-  "%115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+  "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define BONSAI_REGS_96 \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, " \
+  "%126, %127"
 #define BONSAI_WGMMA_RS(SHAPE, TY, REGS, A0, PRED, ...)                                      \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                               \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " {" REGS "}, " A0      \
                ", p, 1, 1, 0;\n}\n"                                                             \
                : __VA_ARGS__                                                                   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+// The same MMA for T = bf16 or f16.
+#define BONSAI_WGMMA_T(SHAPE, REGS, A0, PRED, ...)                  \
+  if constexpr (BonsaiSame<T, __nv_bfloat16>::value) {              \
+    BONSAI_WGMMA_RS(SHAPE, "bf16", REGS, A0, PRED, __VA_ARGS__);    \
+  } else {                                                          \
+    BONSAI_WGMMA_RS(SHAPE, "f16", REGS, A0, PRED, __VA_ARGS__);     \
+  }
 
 template <typename T, int N>
 __device__ __forceinline__ void bonsai_wgmma_rs(float* d, const uint32_t (&a)[4],
                                                 uint64_t desc_b) {
-  static_assert(N == 128 || N == 256, "wgmma width");
-  if constexpr (N == 128 && BonsaiSame<T, __nv_bfloat16>::value) {
-    BONSAI_WGMMA_RS("m64n128k16", "bf16", BONSAI_REGS_0, "{%64, %65, %66, %67}, %68", "%69",
-                    BONSAI_D64(0));
-  } else if constexpr (N == 128) {
-    BONSAI_WGMMA_RS("m64n128k16", "f16", BONSAI_REGS_0, "{%64, %65, %66, %67}, %68", "%69",
-                    BONSAI_D64(0));
-  } else if constexpr (BonsaiSame<T, __nv_bfloat16>::value) {
-    BONSAI_WGMMA_RS("m64n256k16", "bf16", BONSAI_REGS_0 ", " BONSAI_REGS_64,
-                    "{%128, %129, %130, %131}, %132", "%133", BONSAI_D64(0), BONSAI_D64(64));
+  static_assert(N == 128 || N == 192 || N == 256, "wgmma width");
+  if constexpr (N == 128) {
+    BONSAI_WGMMA_T("m64n128k16", BONSAI_REGS_0, "{%64, %65, %66, %67}, %68", "%69",
+                   BONSAI_D64(0));
+  } else if constexpr (N == 192) {
+    BONSAI_WGMMA_T("m64n192k16", BONSAI_REGS_0 ", " BONSAI_REGS_64, "{%96, %97, %98, %99}, %100",
+                   "%101", BONSAI_D64(0), BONSAI_D32(64));
   } else {
-    BONSAI_WGMMA_RS("m64n256k16", "f16", BONSAI_REGS_0 ", " BONSAI_REGS_64,
-                    "{%128, %129, %130, %131}, %132", "%133", BONSAI_D64(0), BONSAI_D64(64));
+    BONSAI_WGMMA_T("m64n256k16", BONSAI_REGS_0 ", " BONSAI_REGS_64 ", " BONSAI_REGS_96,
+                   "{%128, %129, %130, %131}, %132", "%133", BONSAI_D64(0), BONSAI_D64(64));
   }
 }
 

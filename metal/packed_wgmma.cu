@@ -4,8 +4,8 @@
 // packed_gemm.*.
 //
 // The product is computed transposed, D = W x^T: a block of WG warpgroups owns BN = 64 * WG
-// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n128 or n256 MMA per
-// k16 step), fp32 accumulators in registers. Each thread decodes exactly the weights of its own A
+// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n128, n192 or n256 MMA
+// per k16 step), fp32 accumulators in registers. Each thread decodes exactly the weights of its own A
 // fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9 of each k16 step), so
 // decoded weights never touch shared memory; only x does, and each decoded fragment feeds BM
 // rows of x (256-row blocks halve the decoding per product; kernels.py). x advances 64
@@ -23,7 +23,8 @@
 // exact (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
 // MLX generates the signature (x, x_shape, weight, weight_shape, scales, out) and defines template
-// T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 256), WG (1 | 2), STAGES (>= 3).
+// T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a multiple
+// of the block's 128 * WG threads), STAGES (>= 3).
 //   grid (ceil(N / (64*WG)) * 128*WG, ceil(M / BM), 1), threadgroup (128*WG, 1, 1), dynamic shared
 //   memory max(STAGES * BM * 128, BM * (128*WG + 16)) + 1024 bytes.
 
@@ -32,11 +33,10 @@ constexpr int BN = 64 * WG;
 constexpr int THREADS = 128 * WG;
 constexpr int SLOT = BM * BK * 2;  // bytes of one x stage
 constexpr int CHUNKS = BM * (BK / 8) / THREADS;  // 16-byte pieces of x a thread copies a stage
-constexpr int XSUB = BM / 128;  // 128-row halves of x (n256: the accumulators of two n128 MMAs)
 constexpr int ACC = BM / 2;  // fp32 accumulators per thread (64 weight rows x BM / 128 threads)
 constexpr int AHEAD = STAGES - 2;  // stages in flight beyond the one multiplied
 constexpr int EROW = BN * 2 + 16;  // epilogue row bytes; the 16 keep the scatter conflict-free
-static_assert(CHUNKS * THREADS == BM * 8 && AHEAD >= 1 && XSUB * 128 == BM, "tile shape");
+static_assert(CHUNKS * THREADS == BM * 8 && AHEAD >= 1 && BM % 64 == 0, "tile shape");
 
 extern __shared__ __align__(1024) uint8_t bonsai_smem[];
 // wgmma's 128B swizzle repeats every 1024 bytes: slots start on such a boundary.
@@ -179,7 +179,7 @@ auto mma_half = [&](Half& f, uint32_t b, int half) {
 // decoded while this half multiplies. Ternary 128-row tiles want more registers than two blocks
 // per SM allow (164 a thread with nvcc 13.0's ptxas); kernels.py caps them at 128 (__maxnreg__):
 // a few spills, 9-19% faster than one block per SM at the step's large shapes (BENCHMARKS.md).
-// 256-row tiles hold twice the accumulators and run one block per SM (cap 255).
+// 192- and 256-row tiles hold 1.5 and 2 times the accumulators and run one block per SM.
 auto step = [&](int kt, auto P, auto NP, auto vec) {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -235,22 +235,19 @@ if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
 bonsai_fence_operands(acc);
 __syncthreads();  // every MMA has read its x: the ring becomes the epilogue tile
 
-// Accumulator 64 j + 4 b + e of this thread: weight row row0 + 8 (e / 2), x row
-// m0 + 128 j + 8 b + 2 t + e % 2. Scatter as T into E[x row][weight row], then copy rows out.
+// Accumulator 4 b + e of this thread: weight row row0 + 8 (e / 2), x row m0 + 8 b + 2 t + e % 2.
+// Scatter as T into E[x row][weight row], then copy rows out.
 const uint32_t ebase = smem0;
 const int nl = row0 - n0;
 #pragma unroll
-for (int j = 0; j < XSUB; ++j) {
+for (int b = 0; b < BM / 8; ++b) {
 #pragma unroll
-  for (int b = 0; b < 16; ++b) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int ml = j * 128 + 8 * b + 2 * t + e % 2;
-      const T v = T(acc[j * 64 + 4 * b + e]);
-      asm volatile("st.shared.u16 [%0], %1;\n"
-                   :: "r"(ebase + ml * EROW + (nl + 8 * (e / 2)) * 2),
-                      "h"(*reinterpret_cast<const uint16_t*>(&v)) : "memory");
-    }
+  for (int e = 0; e < 4; ++e) {
+    const int ml = 8 * b + 2 * t + e % 2;
+    const T v = T(acc[4 * b + e]);
+    asm volatile("st.shared.u16 [%0], %1;\n"
+                 :: "r"(ebase + ml * EROW + (nl + 8 * (e / 2)) * 2),
+                    "h"(*reinterpret_cast<const uint16_t*>(&v)) : "memory");
   }
 }
 __syncthreads();

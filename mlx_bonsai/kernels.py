@@ -92,12 +92,38 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x (H200).
 _WGMMA_ROWS = {"binary": (1, 1536), "ternary": (512, 1536)}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
-# STAGES x stages; 128-row blocks two per SM (128 registers a thread), 256-row ones one per SM
-# (255). From WGMMA_WIDE_FROM rows of x, 256-row blocks: each decoded weight then feeds twice the
-# MMA work (H100, session 11, BENCHMARKS.md).
+# STAGES x stages. 128-row blocks run two per SM (128 registers a thread), larger ones one (255
+# for 256 threads, 168 for 384: wgmma_blocks_per_sm). Below WGMMA_WIDE_FROM rows of x, 128-row
+# blocks; from there one of WGMMA_WIDE_TILES, whose decoded weights each feed more MMA work (H100,
+# session 11, BENCHMARKS.md): the one whose busiest SM computes the fewest outputs (on
+# HOPPER_SMS SMs), e.g. 1536 x 3072 outputs are 144 256 x 128 blocks (two waves, the second 12
+# blocks) but 128 192 x 192 ones (one wave). Session 12 (H100): the rule picked the faster of the
+# two at 32 of the 36 shapes and kinds of 1024-4608 rows, within 1.2% at 3 more, and lost 16% at
+# one (ternary 1024 x 3072 x 3072); where it picks 192 x 192 the call ran 1.01-1.72x faster
+# (median 1.50) at 1536 rows and 1.09-1.22x (1.16) at 4608.
 WGMMA_TILE = (128, 2, 4)
-WGMMA_WIDE_TILE = (256, 2, 4)
+WGMMA_WIDE_TILES = ((256, 2, 4), (192, 3, 4))
 WGMMA_WIDE_FROM = 1024
+HOPPER_SMS = 132  # H100 SXM, H200; a GPU with another count gets a worse-fitting tile, no error
+
+
+def wgmma_blocks_per_sm(bm: int) -> int:
+    return 2 if bm == 128 else 1
+
+
+def wgmma_tile(m: int, n: int) -> tuple[int, int, int]:
+    """(BM, WG, STAGES) of the wgmma launch for an [m, K] x [K, n] product."""
+    if m < WGMMA_WIDE_FROM:
+        return WGMMA_TILE
+
+    def busiest_sm(tile: tuple[int, int, int]) -> int:  # outputs one SM computes, at most
+        bm, wg, _ = tile
+        blocks = math.ceil(m / bm) * math.ceil(n / (64 * wg))
+        return math.ceil(blocks / HOPPER_SMS) * bm * 64 * wg
+
+    return min(WGMMA_WIDE_TILES, key=busiest_sm)  # a tie keeps the first
+
+
 _TUNED: dict[tuple, str] = {}
 _FUSED_ONLY = contextvars.ContextVar("mlx_bonsai_fused_only", default=False)
 
@@ -201,14 +227,15 @@ class KernelSet:
         """Rows of x per GEMV pass (MR): 1, 2 or 4."""
         return 1 if m == 1 else 2 if m == 2 else 4
 
-    def variant(self, strategy: str, m: int) -> tuple:
-        """What distinguishes the compiled kernel a call uses (for the self-check)."""
+    def variant(self, strategy: str, m: int, n: int) -> tuple:
+        """What distinguishes the compiled kernel an [m, K] x [K, n] call uses (for the
+        self-check)."""
         if strategy == "gemv":
             return (self.gemv_rows(m),)
         if strategy == "gemm":
             return self.gemm_tile(m)
         if strategy == "wgmma":
-            return WGMMA_WIDE_TILE if m >= WGMMA_WIDE_FROM else WGMMA_TILE
+            return wgmma_tile(m, n)
         return ()
 
     def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
@@ -239,7 +266,7 @@ class KernelSet:
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
                               key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
                               headers=("bonsai_wgmma.cuh",),
-                              header=_register_cap(threads * (2 if bm == 128 else 1)))
+                              header=_register_cap(threads * wgmma_blocks_per_sm(bm)))
         return kernel(
             inputs=[x, weight, scales],
             template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
@@ -313,7 +340,7 @@ class KernelSet:
             return self.scratch(x, weight, scales, ternary, init_value)
         if strategy not in ("gemv", "gemm", "wgmma"):
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
-        variant = variant or self.variant(strategy, x.shape[0])
+        variant = variant or self.variant(strategy, x.shape[0], weight.shape[0])
         return getattr(self, strategy)(x, weight, scales, ternary, init_value, variant)
 
 
@@ -521,9 +548,10 @@ _CHECKED: dict[tuple, bool] = {}
 
 
 def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
-                m: int) -> bool:
-    """Run the kernel variant that m rows would use on small random data; warn once on failure."""
-    variant = ks.variant(strategy, m)
+                m: int, n: int) -> bool:
+    """Run the kernel variant that an [m, K] x [K, n] call would use on small random data; warn
+    once on failure."""
+    variant = ks.variant(strategy, m, n)
     key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant)
     if key in _CHECKED:
         return _CHECKED[key]
@@ -581,7 +609,7 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     if not ks.supports(strategy, x.dtype):
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
-    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m):
+    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m, n):
         return reference_matmul(x, weight, scales, kind)
     return _launch(ks, strategy, x, weight, scales, kind, n, k)
 
@@ -640,7 +668,7 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
             if strategy == "gemv" and m > GEMV_MAX_M:
                 continue
             if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
-                                                            scale_dtype, m):
+                                                            scale_dtype, m, n):
                 timings[strategy] = time_call(functools.partial(
                     ks.run, strategy, x, weight, scales, kind), together=m == 1)
         if timings:

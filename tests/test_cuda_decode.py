@@ -271,7 +271,7 @@ def wgmma_asm_statements() -> list[str]:
 
 
 def test_wgmma_asm_names_each_operand_once_in_order():
-    """The four MMAs (n128, n256; bf16, f16) as PTX names them: the N / 2 accumulators %0 ..,
+    """The six MMAs (n128, n192, n256; bf16, f16) as PTX names them: the N / 2 accumulators %0 ..,
     then the four A registers, the B descriptor and the scale-d flag; operand i of the
     accumulator list is d[i]. A wrong number here multiplies into the wrong registers."""
     found = {}
@@ -288,4 +288,4 @@ def test_wgmma_asm_names_each_operand_once_in_order():
         inputs = re.sub(r"\s", "", stmt.rsplit(":", 1)[1])
         assert inputs == '"r"(a[0]),"r"(a[1]),"r"(a[2]),"r"(a[3]),"l"(desc_b),"r"(1)'
         found[(n, ty)] = found.get((n, ty), 0) + 1
-    assert found == {(128, "bf16"): 1, (128, "f16"): 1, (256, "bf16"): 1, (256, "f16"): 1}
+    assert found == {(n, ty): 1 for n in (128, 192, 256) for ty in ("bf16", "f16")}

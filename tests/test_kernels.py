@@ -397,27 +397,33 @@ def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy, fused):
 
 
 @pytest.mark.parametrize("kind", kernels.KINDS)
-@pytest.mark.parametrize("m", [70, 1500])
-def test_wgmma_launch(fake_hopper, kind, m):
-    n = 200  # two 128-row blocks, the second partial
+@pytest.mark.parametrize("m, n, tile", [
+    (70, 200, (128, 2)),  # 128-row blocks below 1024 rows; two 128-weight-row blocks, one partial
+    (1500, 200, (256, 2)),  # 12 256 x 128 blocks fill one wave as well as 16 192 x 192 ones
+    (1536, 3072, (192, 3)),  # 128 192 x 192 blocks: one wave; 144 256 x 128 ones: two
+])
+def test_wgmma_launch(fake_hopper, kind, m, n, tile):
     weight, scales = kernels.random_packed(kind, n, K)
     x = mx.random.normal((m, K)).astype(mx.bfloat16)
     y = kernels.packed_matmul(x, weight, scales, kind, strategy="wgmma")
     ref = kernels.reference_matmul(x, weight, scales, kind)
     assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
     stages = 4
-    bm = 128 if m < 1024 else 256  # x rows per block
+    bm, wg = tile  # x rows, warpgroups (64 weight rows each) per block
+    threads = 128 * wg
     launch = fake_hopper.launches[-1]
     assert launch[0] == "bonsai_wgmma" and launch[4] == (m, n)
     assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=bm,
-                             WG=2, STAGES=stages)
-    assert launch[2] == (2 * 256, math.ceil(m / bm), 1) and launch[3] == (256, 1, 1)
+                             WG=wg, STAGES=stages)
+    assert launch[2] == (math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1)
+    assert launch[3] == (threads, 1, 1)
     # The x ring (or the epilogue tile) plus the 1 KiB alignment slack.
-    smem = max(stages * bm * 128, bm * (256 + 16)) + 1024
+    smem = max(stages * bm * 128, bm * (threads + 16)) + 1024
     assert ("bonsai_wgmma", smem) in fake_hopper.built
-    # 256-thread blocks, two per SM for 128 rows of x (65536 / 512 registers a thread), one for
-    # 256 (65536 / 256, at most 255).
-    cap = f"#define __global__ __location__(global) __maxnreg__({128 if bm == 128 else 255})\n"
+    # Two blocks per SM for 128 rows of x (65536 / 512 registers a thread), else one (65536 /
+    # threads, at most 255, in multiples of 8).
+    cap = {128: 128, 256: 255, 192: 168}[bm]
+    cap = f"#define __global__ __location__(global) __maxnreg__({cap})\n"
     assert cap in fake_hopper.headers["bonsai_wgmma"]
     if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
         planes = fake_hopper.launches[-2]
