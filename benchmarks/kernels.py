@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                  # GPU checks, then the timing table
     python benchmarks/kernels.py --json out.json  # also every number as JSON
+    python benchmarks/kernels.py --rounds 3       # medians of 3 rounds, every call in turn
     python benchmarks/kernels.py --profile gemm binary 4608 3072 3072   # 3 calls, for a profiler
     python benchmarks/kernels.py --gemm-tile 128,2,2   # also check and time another GEMM tile
     python benchmarks/kernels.py --wgmma-tile 128,2,4  # ... another wgmma tile (BM,WG,STAGES)
@@ -15,7 +16,8 @@ Timing: median time per call (`kernels.time_call`: runs of calls, each queued as
 evaluation so that the GPU runs them one after another, as a model's dependent layers run; at
 M = 1, where the host decides, each run's calls are evaluated together) of MLX's bf16 matmul (the
 ceiling), MLX's quantized_matmul with bits 2 and 1 (where the backend has it), and our kernels
-per strategy; TFLOP/s = 2*M*N*K / time.
+per strategy; TFLOP/s = 2*M*N*K / time. With --rounds R, each shape's calls are timed in R
+rounds, every call once per round, and the median round counts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import itertools
 import json
 import math
 import platform
+import statistics
 import sys
 import warnings
 
@@ -153,21 +156,19 @@ def baseline_quantized(x, dense, bits):
         return None
 
 
-def time_baselines(x, weight, scales, calls):
-    """bf16 matmul with the decoded weight, and MLX's quantized_matmul of it at bits 2 and 1."""
+def baselines(x, weight, scales):
+    """{label: fn}: bf16 matmul with the decoded weight, and MLX's quantized_matmul of it at bits
+    2 and 1 (None where the backend refuses them)."""
     dense = kernels.unpack_binary(weight, scales, mx.bfloat16)
     mx.eval(dense)
-    together = x.shape[0] == 1  # see kernels.time_call
-    times = {"bf16": kernels.time_call(lambda: x @ dense.T, repeats=7, calls=calls,
-                                       together=together)}
-    for bits in (2, 1):
-        fn = baseline_quantized(x, dense, bits)
-        times[f"q{bits}"] = (kernels.time_call(fn, repeats=7, calls=calls, together=together)
-                             if fn else None)
-    return times
+    return {"bf16": lambda: x @ dense.T,
+            **{f"q{bits}": baseline_quantized(x, dense, bits) for bits in (2, 1)}}
 
 
-def run_timing(ks, extra):
+def run_timing(ks, extra, rounds):
+    """Per shape, `rounds` rounds that each time every baseline and candidate once, in turn;
+    the median round counts (the bf16 baseline alone moved by up to 20% between runs at the
+    largest shapes on an H100: one run's single pass made the 1.10x counts noisy)."""
     rows = []
     for m in MS:
         for n, k in NK:
@@ -175,13 +176,20 @@ def run_timing(ks, extra):
             x, wb, sb = inputs("binary", m, n, k, mx.bfloat16, mx.bfloat16, 7)
             _, wt, st = inputs("ternary", m, n, k, mx.bfloat16, mx.bfloat16, 8)
             calls = 50 if flop < 1e10 else 10 if flop < 1e11 else 3
-            row = dict(M=m, N=n, K=k, **time_baselines(x, wb, sb, calls))
+            fns = baselines(x, wb, sb)
             cands = candidates(ks, m, mx.bfloat16, *extra)
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
                 for label, fn in cands.items():
-                    row[f"{kind}_{label}"] = kernels.time_call(
-                        functools.partial(fn, x, w, s, kind), repeats=7, calls=calls,
-                        together=m == 1)
+                    fns[f"{kind}_{label}"] = functools.partial(fn, x, w, s, kind)
+            runs = {key: [] for key, fn in fns.items() if fn}
+            for _ in range(rounds):
+                for key in runs:
+                    runs[key].append(kernels.time_call(fns[key], repeats=7, calls=calls,
+                                                       together=m == 1))  # see time_call
+            row = dict(M=m, N=n, K=k, **{key: (statistics.median(runs[key]) if key in runs
+                                                else None) for key in fns})
+            if rounds > 1:
+                row["rounds"] = runs
             row["auto"] = kernels.choose_strategy(ks.backend, "binary", m, n, k, mx.bfloat16)
             rows.append(row)
             best = min(row[f"binary_{label}"] for label in cands)
@@ -239,6 +247,8 @@ def main() -> int:
                    help="also check and time the wgmma kernel with this tile (Hopper)")
     p.add_argument("--m", type=int, nargs="+", help="time these M instead of " + str(MS))
     p.add_argument("--no-check", action="store_true", help="timing only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each shape's calls in this many rounds, in turn; report medians")
     args = p.parse_args()
     extra_tiles = [tuple(int(v) for v in t.split(",")) for t in args.gemm_tile]
     extra_wgmma = [tuple(int(v) for v in t.split(",")) for t in args.wgmma_tile]
@@ -261,7 +271,7 @@ def main() -> int:
     if args.m:
         MS[:] = args.m
     failures, check_log = ([], []) if args.no_check else run_checks(ks, extra)
-    rows = [] if args.check_only else run_timing(ks, extra)
+    rows = [] if args.check_only else run_timing(ks, extra, args.rounds)
     if rows:
         labels = (list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
                   + ["wgmma@" + "x".join(map(str, t)) for t in extra_wgmma])
