@@ -83,14 +83,16 @@ _DECODE_THREADS = 256
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Whole
-# eager steps decide (BENCHMARKS.md): binary 512^2 steps ran 6-7% faster with the single blocks'
-# 1536-row calls on scratch (H100, two runs, three rounds each: 1.14 vs 1.23x the dense step),
-# although call by call wgmma was 2-22% faster at 1536 rows (H200); moving the 512- and 1024-row
-# calls to scratch as well was slower. Ternary (base-3 -> planes per call, then the same GEMM)
-# beats the portable GEMM from 512 rows and scratch up to 1535: steps with ternary wgmma to 3071
-# rows or from 1024 rows were 8-17% slower at 512^2. Before these rules: binary 1024^2 1.21 ->
-# 1.08x the dense step, ternary 1.17 -> 1.09x, ternary 512^2 1.36 -> 1.24x (H200).
-_WGMMA_ROWS = {"binary": (1, 1536), "ternary": (512, 1536)}
+# steps decide (BENCHMARKS.md). Ternary (base-3 -> planes per call, then the same GEMM) beats the
+# portable GEMM from 512 rows. The single blocks' 1536-row calls of a 512^2 step went to scratch
+# until the 192 x 192 tiles (session 12, H100): with them wgmma won call by call at all six of
+# the model's 1536-row shapes for binary weights, and moving those calls to it left the step's
+# time as it was (binary: eager 0-0.5% slower, loop 1.3% faster; ternary 0.6-2% slower) while
+# the step's peak above the weights fell from 11.1 to 6.2 GB (binary, the dense step's) and
+# from 11.5 to 7.2 GB (ternary): scratch holds every decoded layer of a lazily built step until
+# the GPU has run it. From 2048 rows scratch stays (per call 1.03-1.14x bf16 at 4608 rows,
+# wgmma 1.2-1.5x).
+_WGMMA_ROWS = {"binary": (1, 2048), "ternary": (512, 2048)}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. 128-row blocks run two per SM (128 registers a thread), larger ones one (255
 # for 256 threads, 168 for 384: wgmma_blocks_per_sm). Below WGMMA_WIDE_FROM rows of x, 128-row
