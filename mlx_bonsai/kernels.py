@@ -85,13 +85,13 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Whole
 # steps decide (BENCHMARKS.md). Ternary (base-3 -> planes per call, then the same GEMM) beats the
 # portable GEMM from 512 rows. The single blocks' 1536-row calls of a 512^2 step went to scratch
-# until the 192 x 192 tiles (session 12, H100): with them wgmma won call by call at all six of
-# the model's 1536-row shapes for binary weights, and moving those calls to it left the step's
-# time as it was (binary: eager 0-0.5% slower, loop 1.3% faster; ternary 0.6-2% slower) while
-# the step's peak above the weights fell from 11.1 to 6.2 GB (binary, the dense step's) and
-# from 11.5 to 7.2 GB (ternary): scratch holds every decoded layer of a lazily built step until
-# the GPU has run it. From 2048 rows scratch stays (per call 1.03-1.14x bf16 at 4608 rows,
-# wgmma 1.2-1.5x).
+# until the 192 x 192 tiles (session 12, H100): with them wgmma won call by call at the model's
+# 1536-row shapes for binary weights (by 2-9%, medians of three rounds), and moving those calls to
+# it left the step's time as it was (binary: eager 0-0.5% slower, loop 1.3% faster; ternary
+# 0.6-2% slower) while the step's peak above the weights fell from 11.1 to 6.2 GB (binary, the
+# dense step's) and from 11.5 to 7.2 GB (ternary): scratch holds every decoded layer of a lazily
+# built step until the GPU has run it. From 2048 rows scratch stays (per call 1.03-1.13x bf16 at
+# 4608 rows, wgmma 1.11-1.29x).
 _WGMMA_ROWS = {"binary": (1, 2048), "ternary": (512, 2048)}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. 128-row blocks run two per SM (128 registers a thread), larger ones one (255
