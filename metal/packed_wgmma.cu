@@ -4,11 +4,11 @@
 // packed_gemm.*.
 //
 // The product is computed transposed, D = W x^T: a block of WG warpgroups owns BN = 64 * WG
-// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n128, n192 or n256 MMA
-// per k16 step), fp32 accumulators in registers. Each thread decodes exactly the weights of its own A
-// fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9 of each k16 step), so
-// decoded weights never touch shared memory; only x does, and each decoded fragment feeds BM
-// rows of x (256-row blocks halve the decoding per product; kernels.py). x advances 64
+// weight rows (64 per warpgroup, wgmma's M) and BM rows of x (wgmma's N: one n128, n192 or n256
+// MMA per k16 step), fp32 accumulators in registers. Each thread decodes exactly the weights of its
+// own A fragments (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9 of each k16
+// step), so decoded weights never touch shared memory; only x does, and each decoded fragment
+// feeds BM rows of x (256-row blocks halve the decoding per product; kernels.py). x advances 64
 // inputs per stage (one 128-byte, 128B-swizzled row of T per x row, the layout wgmma's
 // descriptors read) through a ring of STAGES slots filled by cp.async AHEAD stages in advance.
 // Each stage's MMAs are issued in two halves (two k16 steps each) from two sets of fragment

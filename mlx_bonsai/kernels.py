@@ -110,6 +110,7 @@ HOPPER_SMS = 132  # H100 SXM, H200; a GPU with another count gets a worse-fittin
 
 
 def wgmma_blocks_per_sm(bm: int) -> int:
+    """Blocks of BM rows of x that share an SM (the register cap is set for that many)."""
     return 2 if bm == 128 else 1
 
 
