@@ -497,11 +497,12 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
 
 
 def _launch(ks: KernelSet, strategy: str, x: mx.array, weight: mx.array, scales: mx.array,
-            kind: str, n: int, k: int, init_value: float | None = None) -> mx.array:
-    """x [..., K] @ W^T by `strategy` on checked inputs."""
+            kind: str, n: int, k: int, init_value: float | None = None,
+            variant: tuple | None = None) -> mx.array:
+    """x [..., K] @ W^T by `strategy` on checked inputs (`variant`: as KernelSet.run)."""
     if x.ndim == 2:  # no reshapes: each is a graph node, ~1.5 us to evaluate on CUDA (H100)
-        return ks.run(strategy, x, weight, scales, kind, init_value)
-    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value)
+        return ks.run(strategy, x, weight, scales, kind, init_value, variant)
+    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value, variant)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -551,10 +552,9 @@ _CHECKED: dict[tuple, bool] = {}
 
 
 def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
-                m: int, n: int) -> bool:
-    """Run the kernel variant that an [m, K] x [K, n] call would use on small random data; warn
-    once on failure."""
-    variant = ks.variant(strategy, m, n)
+                variant: tuple) -> bool:
+    """Run the kernel `variant` (see KernelSet.variant) on small random data; warn once on
+    failure."""
     key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant)
     if key in _CHECKED:
         return _CHECKED[key]
@@ -612,9 +612,10 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     if not ks.supports(strategy, x.dtype):
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
-    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, m, n):
+    variant = ks.variant(strategy, m, n)  # once: the self-check and the launch both need it
+    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, variant):
         return reference_matmul(x, weight, scales, kind)
-    return _launch(ks, strategy, x, weight, scales, kind, n, k)
+    return _launch(ks, strategy, x, weight, scales, kind, n, k, variant=variant)
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,
@@ -670,8 +671,8 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
         for strategy in STRATEGIES:
             if strategy == "gemv" and m > GEMV_MAX_M:
                 continue
-            if ks.supports(strategy, dtype) and _self_check(ks, strategy, kind, dtype,
-                                                            scale_dtype, m, n):
+            if ks.supports(strategy, dtype) and _self_check(
+                    ks, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m, n)):
                 timings[strategy] = time_call(functools.partial(
                     ks.run, strategy, x, weight, scales, kind), together=m == 1)
         if timings:
