@@ -16,8 +16,9 @@ Timing: median time per call (`kernels.time_call`: runs of calls, each queued as
 evaluation so that the GPU runs them one after another, as a model's dependent layers run; at
 M = 1, where the host decides, each run's calls are evaluated together) of MLX's bf16 matmul (the
 ceiling), MLX's quantized_matmul with bits 2 and 1 (where the backend has it), and our kernels
-per strategy; TFLOP/s = 2*M*N*K / time. With --rounds R, each shape's calls are timed in R
-rounds, every call once per round, and the median round counts.
+per strategy, launched as packed_matmul's plans launch them (`KernelSet.launcher`: kernel,
+template and grid decided once per shape); TFLOP/s = 2*M*N*K / time. With --rounds R, each
+shape's calls are timed in R rounds, every call once per round, and the median round counts.
 """
 
 from __future__ import annotations
@@ -71,16 +72,15 @@ def inputs(kind, m, n, k, dtype, scale_dtype, seed):
 
 
 def candidates(ks, m, dtype, extra_tiles=(), extra_wgmma=()):
-    """{label: fn(x, weight, scales, kind, init_value)} worth running at m rows.
+    """{label: (strategy, variant or None)} worth running at m rows.
 
     extra_tiles adds GEMM variants with other (BM, WM, WN) tiles (gemm@BMxWMxWN), extra_wgmma
     wgmma variants with other (BM, WG, STAGES) (wgmma@BMxWGxSTAGES)."""
-    out = {s: functools.partial(ks.run, s) for s in STRATEGIES
+    out = {s: (s, None) for s in STRATEGIES
            if ks.supports(s, dtype) and (s != "gemv" or m <= GEMV_MAX_M)}
     for strategy, tiles in (("gemm", extra_tiles), ("wgmma", extra_wgmma)):
         for tile in tiles if strategy in out else ():
-            out[f"{strategy}@" + "x".join(map(str, tile))] = functools.partial(
-                ks.run, strategy, variant=tile)
+            out[f"{strategy}@" + "x".join(map(str, tile))] = (strategy, tile)
     return out
 
 
@@ -91,10 +91,10 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra=((), ()),
     if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
         x = mx.concatenate([mx.zeros((1,), dtype), x.reshape(-1)])[1:].reshape(m, k)
     errs = {}
-    for s, fn in candidates(ks, m, dtype, *extra).items():
+    for s, (strategy, variant) in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":
             continue  # MLX's CUDA matmul itself rejects such x (cuBLASLt error 15), dense too
-        y = fn(x, weight, scales, kind, init_value=math.nan)
+        y = ks.run(strategy, x, weight, scales, kind, init_value=math.nan, variant=variant)
         err = relative_error(y, ref)
         errs[s] = err
         if not err <= TOLERANCE:
@@ -179,8 +179,10 @@ def run_timing(ks, extra, rounds):
             fns = baselines(x, wb, sb)
             cands = candidates(ks, m, mx.bfloat16, *extra)
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
-                for label, fn in cands.items():
-                    fns[f"{kind}_{label}"] = functools.partial(fn, x, w, s, kind)
+                for label, (strategy, variant) in cands.items():
+                    launch = ks.launcher(strategy, m, n, k, mx.bfloat16, mx.bfloat16, kind,
+                                         variant=variant)
+                    fns[f"{kind}_{label}"] = functools.partial(launch, x, w, s)
             runs = {key: [] for key, fn in fns.items() if fn}
             for _ in range(rounds):
                 for key in runs:
@@ -263,10 +265,10 @@ def main() -> int:
     print(json.dumps(info, default=str))
     if args.profile:
         label, kind, m, n, k = args.profile
-        fn = candidates(ks, int(m), mx.bfloat16, *extra)[label]
+        strategy, variant = candidates(ks, int(m), mx.bfloat16, *extra)[label]
         x, w, s = inputs(kind, int(m), int(n), int(k), mx.bfloat16, mx.bfloat16, 3)
         for _ in range(3):
-            mx.eval(fn(x, w, s, kind))
+            mx.eval(ks.run(strategy, x, w, s, kind, variant=variant))
         return 0
     if args.m:
         MS[:] = args.m

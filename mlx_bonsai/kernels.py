@@ -127,6 +127,9 @@ def wgmma_tile(m: int, n: int) -> tuple[int, int, int]:
     return min(WGMMA_WIDE_TILES, key=busiest_sm)  # a tie keeps the first
 
 
+# (x, weight, scales) -> x @ W^T for one shape, everything else decided (KernelSet.launcher).
+Launch = Callable[..., mx.array]
+
 _TUNED: dict[tuple, str] = {}
 _FUSED_ONLY = contextvars.ContextVar("mlx_bonsai_fused_only", default=False)
 
@@ -241,110 +244,110 @@ class KernelSet:
             return wgmma_tile(m, n)
         return ()
 
-    def gemm(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-             init_value: float | None, variant: tuple[int, int, int]) -> mx.array:
-        m, n = x.shape[0], weight.shape[0]
+    @staticmethod
+    def _launch(kernel: Any, template: list, grid: tuple[int, int, int], threads: int,
+                shape: tuple[int, int], dtype: mx.Dtype, init_value: float | None) -> Launch:
+        """kernel(inputs=...) with everything else fixed: (*inputs) -> its output."""
+        options = dict(template=template, grid=grid, threadgroup=(threads, 1, 1),
+                       output_shapes=[shape], output_dtypes=[dtype], init_value=init_value)
+
+        def launch(*inputs: mx.array) -> mx.array:
+            return kernel(inputs=list(inputs), **options)[0]
+
+        return launch
+
+    def gemm(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
+             init_value: float | None, variant: tuple[int, int, int]) -> Launch:
         bm, wm, wn = variant
         threads = 32 * wm * wn
-        return self._kernel("gemm", ["x", "weight", "scales"], "out")(
-            inputs=[x, weight, scales],
-            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
-                      ("BM", bm), ("BN", bm), ("WM", wm), ("WN", wn)],
-            grid=(math.ceil(n / bm) * threads, math.ceil(m / bm), 1),
-            threadgroup=(threads, 1, 1),
-            output_shapes=[(m, n)],
-            output_dtypes=[x.dtype],
-            init_value=init_value,
-        )[0]
+        return self._launch(
+            self._kernel("gemm", ["x", "weight", "scales"], "out"),
+            [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("BM", bm), ("BN", bm),
+             ("WM", wm), ("WN", wn)],
+            (math.ceil(n / bm) * threads, math.ceil(m / bm), 1), threads, (m, n), dtype,
+            init_value)
 
-    def wgmma(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-              init_value: float | None, variant: tuple[int, int, int]) -> mx.array:
-        m, n = x.shape[0], weight.shape[0]
+    def wgmma(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
+              init_value: float | None, variant: tuple[int, int, int]) -> Launch:
         bm, wg, stages = variant
         threads = 128 * wg
-        if ternary:  # base-3 digits -> 2-bit planes the kernel decodes in a few operations
-            weight = self.planes(weight)
         # The x ring (or the epilogue tile, if larger) plus 1 KiB to align it to 1024 bytes.
         smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
                               key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
                               headers=("bonsai_wgmma.cuh",),
                               header=_register_cap(threads * wgmma_blocks_per_sm(bm)))
-        return kernel(
-            inputs=[x, weight, scales],
-            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
-                      ("BM", bm), ("WG", wg), ("STAGES", stages)],
-            grid=(math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1),
-            threadgroup=(threads, 1, 1),
-            output_shapes=[(m, n)],
-            output_dtypes=[x.dtype],
-            init_value=init_value,
-        )[0]
+        launch = self._launch(
+            kernel,
+            [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("BM", bm), ("WG", wg),
+             ("STAGES", stages)],
+            (math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1), threads, (m, n), dtype,
+            init_value)
+        if not ternary:
+            return launch
+        planes = self.planes(n, k)  # base-3 digits -> 2-bit planes the kernel decodes in a few ops
+        return lambda x, weight, scales: launch(x, planes(weight), scales)
 
-    def planes(self, weight: mx.array) -> mx.array:
-        """Ternary rows [N, K/128*26] (uint8) -> uint32 [N, K/16]: per run of 16 inputs, which
+    def planes(self, n: int, k: int) -> Callable[[mx.array], mx.array]:
+        """Ternary rows [n, k/128*26] (uint8) -> uint32 [n, k/16]: per run of 16 inputs, which
         weights are non-zero and which negative, in the bit order metal/packed_planes.cu gives."""
-        n, k = weight.shape[0], weight.shape[1] // TERNARY_GROUP_BYTES * GROUP_SIZE
-        return self._kernel("planes", ["weight"], "planes")(
-            inputs=[weight],
-            template=[],
-            grid=(n * k // GROUP_SIZE, 1, 1),
-            threadgroup=(_DECODE_THREADS, 1, 1),
-            output_shapes=[(n, k // 16)],
-            output_dtypes=[mx.uint32],
-        )[0]
+        return self._launch(self._kernel("planes", ["weight"], "planes"), [],
+                            (n * k // GROUP_SIZE, 1, 1), _DECODE_THREADS, (n, k // 16),
+                            mx.uint32, None)
 
-    def gemv(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-             init_value: float | None, variant: tuple[int]) -> mx.array:
-        m, n = x.shape[0], weight.shape[0]
+    def gemv(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
+             init_value: float | None, variant: tuple[int]) -> Launch:
         (mr,) = variant
-        return self._kernel("gemv", ["x", "weight", "scales"], "out")(
-            inputs=[x, weight, scales],
-            template=[("T", x.dtype), ("S", scales.dtype), ("TERNARY", ternary),
-                      ("MR", mr), ("ROWS", _GEMV_ROWS)],
-            grid=(math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1),
-            threadgroup=(128, 1, 1),
-            output_shapes=[(m, n)],
-            output_dtypes=[x.dtype],
-            init_value=init_value,
-        )[0]
+        return self._launch(
+            self._kernel("gemv", ["x", "weight", "scales"], "out"),
+            [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("MR", mr),
+             ("ROWS", _GEMV_ROWS)],
+            (math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1), 128, (m, n), dtype,
+            init_value)
 
-    def decode(self, weight: mx.array, scales: mx.array, ternary: bool, dtype: mx.Dtype,
-               init_value: float | None = None) -> mx.array:
-        """Dense [rows, K] in `dtype` of the packed rows given: a thread per 16 weights, in
-        whole threadgroups (the CUDA binary decode spreads a warp's 32 threads over 64 chunks of
-        8 weights, which a partial warp would leave unwritten; surplus threads write nothing)."""
-        n, k = scales.shape[0], scales.shape[1] * GROUP_SIZE
+    def decode(self, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
+               init_value: float | None = None) -> Callable[[mx.array, mx.array], mx.array]:
+        """(weight, scales) of n packed rows of K = k -> dense [n, k] in `dtype`: a thread per 16
+        weights, in whole threadgroups (the CUDA binary decode spreads a warp's 32 threads over
+        64 chunks of 8 weights, which a partial warp would leave unwritten; surplus threads
+        write nothing)."""
         threads = math.ceil(n * k // 16 / _DECODE_THREADS) * _DECODE_THREADS
-        return self._kernel("decode", ["weight", "scales"], "dense")(
-            inputs=[weight, scales],
-            template=[("T", dtype), ("S", scales.dtype), ("TERNARY", ternary)],
-            grid=(threads, 1, 1),
-            threadgroup=(_DECODE_THREADS, 1, 1),
-            output_shapes=[(n, k)],
-            output_dtypes=[dtype],
-            init_value=init_value,
-        )[0]
+        return self._launch(
+            self._kernel("decode", ["weight", "scales"], "dense"),
+            [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary)], (threads, 1, 1),
+            _DECODE_THREADS, (n, k), dtype, init_value)
 
-    def scratch(self, x: mx.array, weight: mx.array, scales: mx.array, ternary: bool,
-                init_value: float | None = None) -> mx.array:
+    def scratch(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype,
+                ternary: bool, init_value: float | None = None) -> Launch:
         """Decode W to dense in x's dtype, then MLX's matmul. One pass, not chunks over N: on an
         H200, 32 MiB chunks held as much memory per call as the whole decode (MLX frees them
         when the GPU has run the call) plus a concatenated copy of the output, and ran
         1.05-1.4x slower at M = 4608 (BENCHMARKS.md)."""
-        return x @ self.decode(weight, scales, ternary, x.dtype, init_value).T
+        decode = self.decode(n, k, dtype, scale_dtype, ternary, init_value)
+        return lambda x, weight, scales: x @ decode(weight, scales).T
 
-    def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
-            init_value: float | None = None, variant: tuple | None = None) -> mx.array:
-        """x [M, K] @ W^T with one strategy; `variant` (see variant()) defaults to the one this
+    def launcher(self, strategy: str, m: int, n: int, k: int, dtype: mx.Dtype,
+                 scale_dtype: mx.Dtype, kind: str, init_value: float | None = None,
+                 variant: tuple | None = None) -> Launch:
+        """(x [m, k] of `dtype`, weight, scales) -> x @ W^T by `strategy`: the kernel, its
+        template and grid are decided here, once per shape, so that a call is the launch alone
+        (packed_matmul keeps one per shape). `variant` (see variant()) defaults to the one this
         shape gets."""
         ternary = kind == "ternary"
         if strategy == "scratch":
-            return self.scratch(x, weight, scales, ternary, init_value)
+            return self.scratch(m, n, k, dtype, scale_dtype, ternary, init_value)
         if strategy not in ("gemv", "gemm", "wgmma"):
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
-        variant = variant or self.variant(strategy, x.shape[0], weight.shape[0])
-        return getattr(self, strategy)(x, weight, scales, ternary, init_value, variant)
+        variant = variant or self.variant(strategy, m, n)
+        return getattr(self, strategy)(m, n, k, dtype, scale_dtype, ternary, init_value,
+                                        variant)
+
+    def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
+            init_value: float | None = None, variant: tuple | None = None) -> mx.array:
+        """x [M, K] @ W^T with one strategy (a launcher used once)."""
+        (m, k), n = x.shape, weight.shape[0]
+        return self.launcher(strategy, m, n, k, x.dtype, scales.dtype, kind, init_value,
+                             variant)(x, weight, scales)
 
 
 _KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
@@ -490,20 +493,21 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
                  init_value: float | None) -> mx.array:
     n, k = _check_inputs(x, weight, scales, kind, group_size)
     ks = kernel_set(backend, factory)
-    strategy = strategy or choose_strategy(backend, kind, math.prod(x.shape[:-1]), n, k, x.dtype)
+    m = math.prod(x.shape[:-1])
+    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
     if not ks.supports(strategy, x.dtype):
         raise BonsaiError(f"the {backend} {strategy} kernel does not take {x.dtype} activations")
-    return _launch(ks, strategy, x, weight, scales, kind, n, k, init_value)
+    launch = ks.launcher(strategy, m, n, k, x.dtype, scales.dtype, kind, init_value)
+    return _any_rank(launch, x.shape, n, k)(x, weight, scales)
 
 
-def _launch(ks: KernelSet, strategy: str, x: mx.array, weight: mx.array, scales: mx.array,
-            kind: str, n: int, k: int, init_value: float | None = None,
-            variant: tuple | None = None) -> mx.array:
-    """x [..., K] @ W^T by `strategy` on checked inputs (`variant`: as KernelSet.run)."""
-    if x.ndim == 2:  # no reshapes: each is a graph node, ~1.5 us to evaluate on CUDA (H100)
-        return ks.run(strategy, x, weight, scales, kind, init_value, variant)
-    y = ks.run(strategy, x.reshape(-1, k), weight, scales, kind, init_value, variant)
-    return y.reshape(*x.shape[:-1], n)
+def _any_rank(launch: Launch, x_shape: tuple[int, ...], n: int, k: int) -> Launch:
+    """`launch` for x [..., K]: flattened to [M, K] and back. 2-D x goes as it is: a reshape is
+    a graph node of its own, ~1.5 us to evaluate on CUDA (H100)."""
+    if len(x_shape) == 2:
+        return launch
+    shape = (*x_shape[:-1], n)
+    return lambda x, weight, scales: launch(x.reshape(-1, k), weight, scales).reshape(shape)
 
 
 def metal_packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
@@ -552,9 +556,9 @@ _CHECKED: dict[tuple, bool] = {}
 
 
 def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
-                variant: tuple) -> bool:
+                variant: tuple, stacklevel: int = 3) -> bool:
     """Run the kernel `variant` (see KernelSet.variant) on small random data; warn once on
-    failure."""
+    failure (the warning points `stacklevel` frames up)."""
     key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant)
     if key in _CHECKED:
         return _CHECKED[key]
@@ -585,10 +589,22 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
             f"mlx_bonsai: the {ks.backend} '{strategy}' kernel for {kind} weights and {dtype} "
             f"activations failed its self-check ({reason}); using the reference path instead",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     _CHECKED[key] = ok
     return ok
+
+
+# What packed_matmul runs, per everything a call's choice depends on (see _plan_key): decided
+# and checked on a shape's first call, so that later calls cost a dictionary lookup and the
+# launch (10 -> 5.5 us of Python a call on the CI machine's CPU, ~80 calls a step).
+_PLANS: dict[tuple, Launch] = {}
+
+
+def _plan_key(x: mx.array, weight: mx.array, scales: mx.array, kind: str, group_size: int,
+              strategy: str | None) -> tuple:
+    return (kind, x.shape, x.dtype, weight.shape, weight.dtype, scales.shape, scales.dtype,
+            group_size, strategy, os.environ.get(ENV_VAR), _device_backend(), _FUSED_ONLY.get())
 
 
 def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
@@ -598,11 +614,23 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     GPU kernels where MLX runs on Metal or CUDA (strategy per shape, self-checked on first use),
     the pure-MLX reference elsewhere or when MLX_BONSAI_KERNELS=reference.
     """
+    key = _plan_key(x, weight, scales, kind, group_size, strategy)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(x, weight, scales, kind, group_size, strategy)
+        _PLANS[key] = plan
+    return plan(x, weight, scales)
+
+
+def _plan(x: mx.array, weight: mx.array, scales: mx.array, kind: str, group_size: int,
+          strategy: str | None) -> Launch:
+    """What packed_matmul runs for inputs of these shapes and dtypes, checked."""
     n, k = _check_inputs(x, weight, scales, kind, group_size)
     mode = _mode()
     backend = _device_backend()
+    reference = functools.partial(reference_matmul, kind=kind)
     if mode == "reference" or backend is None:
-        return reference_matmul(x, weight, scales, kind)
+        return reference
     m = math.prod(x.shape[:-1])
     strategy = strategy or (None if mode == "auto" else mode)
     strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
@@ -613,9 +641,10 @@ def packed_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
     variant = ks.variant(strategy, m, n)  # once: the self-check and the launch both need it
-    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, variant):
-        return reference_matmul(x, weight, scales, kind)
-    return _launch(ks, strategy, x, weight, scales, kind, n, k, variant=variant)
+    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, variant, stacklevel=4):
+        return reference
+    launch = ks.launcher(strategy, m, n, k, x.dtype, scales.dtype, kind, variant=variant)
+    return _any_rank(launch, x.shape, n, k)
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,
@@ -673,9 +702,11 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
                 continue
             if ks.supports(strategy, dtype) and _self_check(
                     ks, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m, n)):
-                timings[strategy] = time_call(functools.partial(
-                    ks.run, strategy, x, weight, scales, kind), together=m == 1)
+                launch = ks.launcher(strategy, m, n, k, dtype, scale_dtype, kind)
+                timings[strategy] = time_call(functools.partial(launch, x, weight, scales),
+                                              together=m == 1)
         if timings:
             _TUNED[(backend, kind, dtype, m, n, k)] = min(timings, key=timings.get)
+            _PLANS.clear()  # plans made before hold the default strategy
         results[(m, n, k)] = timings
     return results

@@ -238,7 +238,9 @@ def decode_launch(kind: str, weight: mx.array, scales: mx.array) -> tuple[int, i
             return [mx.zeros(args["output_shapes"][0], args["output_dtypes"][0])]
         return launch
 
-    kernels.KernelSet("cuda", factory).decode(weight, scales, kind == "ternary", mx.bfloat16)
+    n, k = scales.shape[0], scales.shape[1] * kernels.GROUP_SIZE
+    kernels.KernelSet("cuda", factory).decode(n, k, mx.bfloat16, scales.dtype,
+                                              kind == "ternary")(weight, scales)
     return seen["grid"][0], seen["threadgroup"][0]
 
 

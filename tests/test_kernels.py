@@ -159,6 +159,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(kernels, "_device_backend", lambda: "metal")
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_PLANS", {})
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
 
     def install(answer):
@@ -204,6 +205,53 @@ def test_two_dimensional_x_reaches_the_kernel_without_reshapes(fake_gpu):
     assert y is outputs[-1]
     y3 = kernels.packed_matmul(x.reshape(1, 3, K), weight, scales, "binary")
     assert y3.shape == (1, 3, N) and mx.array_equal(y3[0], y)
+
+
+def test_each_shape_is_planned_once(fake_gpu, monkeypatch):
+    """packed_matmul checks and chooses on a shape's first call only; anything the choice
+    depends on (shapes, dtypes, kind, strategy, MLX_BONSAI_KERNELS, fused_only, tune) makes a
+    new plan, and bad input is refused on every call."""
+    factory = fake_gpu(correct_answer)
+    planned = []
+    plan = kernels._plan
+    monkeypatch.setattr(kernels, "_plan", lambda *a: planned.append(a[0].shape) or plan(*a))
+    weight, scales = kernels.random_packed("binary", N, K)
+    x = mx.random.normal((3, K)).astype(mx.bfloat16)
+    for _ in range(3):
+        y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert planned == [(3, K)] and factory.launches[-1][0] == "bonsai_gemv"
+    ref = kernels.reference_matmul(x, weight, scales, "binary")
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    n_launches = len(factory.launches)
+    kernels.packed_matmul(x.reshape(1, 3, K), weight, scales, "binary")  # another shape
+    kernels.packed_matmul(x.astype(mx.float16), weight, scales, "binary")  # another dtype
+    kernels.packed_matmul(x, weight, scales, "binary", strategy="gemm")
+    with kernels.fused_only():
+        kernels.packed_matmul(x, weight, scales, "binary")
+    assert len(planned) == 5 and len(factory.launches) > n_launches + 3
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    n_launches = len(factory.launches)
+    y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert len(planned) == 6 and len(factory.launches) == n_launches  # the reference path
+    assert mx.array_equal(y, ref)
+    monkeypatch.setenv(kernels.ENV_VAR, "sideways")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="MLX_BONSAI_KERNELS"):
+            kernels.packed_matmul(x, weight, scales, "binary")
+    monkeypatch.delenv(kernels.ENV_VAR)
+    for _ in range(2):
+        with pytest.raises(WeightsError, match="scales"):
+            kernels.packed_matmul(x, weight, scales[:, :2], "binary")
+    kernels._PLANS[("not", "a", "plan")] = None
+    monkeypatch.setattr(kernels, "_device_backend", lambda: None)
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "time_call", lambda *a, **k: 1.0)
+    with pytest.raises(BonsaiError, match="tune"):  # no GPU: nothing tuned, plans kept
+        kernels.tune("binary", [(3, N, K)])
+    assert ("not", "a", "plan") in kernels._PLANS
+    monkeypatch.setattr(kernels, "_device_backend", lambda: "metal")
+    kernels.tune("binary", [(3, N, K)])
+    assert kernels._PLANS == {}  # tune() may change choices: every shape plans again
 
 
 def test_scratch_decodes_the_whole_weight_once(fake_gpu):
@@ -373,6 +421,7 @@ def fake_hopper(monkeypatch):
     monkeypatch.setattr(kernels, "_hopper", lambda: True)
     monkeypatch.setattr(kernels, "_KERNEL_SETS", {})
     monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_PLANS", {})
     monkeypatch.setattr(mx.fast, "cuda_kernel", factory)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     return factory
