@@ -28,7 +28,9 @@ The strategy is picked per (M, N, K): `tune()` measures on this GPU; untuned sha
 they are unmeasured defaults, as no Apple GPU was available). On the first use of each kernel
 variant in a process, a self-check compares it with the reference on random data; a kernel that
 fails (wrong numbers, NaN, or a build error) triggers one RuntimeWarning and the reference from
-then on.
+then on. All of this is decided on a shape's first call and kept as a plan (a launcher with
+kernel, template and grid fixed) for later calls of the same shapes, dtypes and settings: a
+step's graph is built in Python before the GPU runs it, ~80 packed calls a step.
 
 Environment: MLX_BONSAI_KERNELS = auto (default) | reference | gemv | gemm | wgmma | scratch.
 
