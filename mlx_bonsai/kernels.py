@@ -700,11 +700,11 @@ def tune(kind: str, shapes: Iterable[tuple[int, int, int]], dtype: mx.Dtype = mx
         mx.eval(x, weight, scales)
         timings = {}
         for strategy in STRATEGIES:
-            if strategy == "gemv" and m > GEMV_MAX_M:
+            if (strategy == "gemv" and m > GEMV_MAX_M) or not ks.supports(strategy, dtype):
                 continue
-            if ks.supports(strategy, dtype) and _self_check(
-                    ks, strategy, kind, dtype, scale_dtype, ks.variant(strategy, m, n)):
-                launch = ks.launcher(strategy, m, n, k, dtype, scale_dtype, kind)
+            variant = ks.variant(strategy, m, n)  # once: the self-checked kernel is the timed one
+            if _self_check(ks, strategy, kind, dtype, scale_dtype, variant):
+                launch = ks.launcher(strategy, m, n, k, dtype, scale_dtype, kind, variant=variant)
                 timings[strategy] = time_call(functools.partial(launch, x, weight, scales),
                                               together=m == 1)
         if timings:
