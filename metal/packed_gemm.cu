@@ -3,7 +3,8 @@
 // edge rules; the tile product runs on tensor cores (ldmatrix + mma.sync m16n8k16) from T tiles
 // in shared memory instead of 8x8 simdgroup matrices. The next K-step is loaded into registers
 // while the current one is multiplied, and the tiles are double-buffered, so one barrier per step.
-// MLX generates the signature (x, x_shape, weight, weight_shape, scales, out) and defines
+// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K],
+// M = B * L for [B, L, K]) and defines
 // template T (__half | __nv_bfloat16), S, TERNARY, BM, BN (= BM), WM, WN as constants.
 //   grid (ceil(N/BN) * 32*WM*WN, ceil(M/BM), 1), threadgroup (32*WM*WN, 1, 1)
 
@@ -21,8 +22,10 @@ static_assert(MI * 16 == WTM && NI * 8 == WTN && NI % 2 == 0, "warp tiles of 16 
 __shared__ __align__(16) T xs[2][BM * LDK];
 __shared__ __align__(16) T ws[2][BN * LDK];
 
-const int M = x_shape[0];
-const int K = x_shape[1];
+// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
+// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
+const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = threadIdx.x;

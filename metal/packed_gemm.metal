@@ -1,8 +1,9 @@
 // Tiled decode-GEMM: out[M, N] = x[M, K] @ W^T for a bonsai-packed W, W never expanded in device
 // memory. Body of an mx.fast.metal_kernel; MLX generates the signature:
-//   inputs  x [M, K] (T), weight (uint32 [N, K/32] binary | uint8 [N, K/128*26] ternary),
-//           scales [N, K/128] (S), and x_shape / weight_shape (used below)
-//   output  out [M, N] (T)
+//   inputs  x [M, K] or [B, L, K] (T; M = B * L), weight (uint32 [N, K/32]
+//           binary | uint8 [N, K/128*26] ternary), scales [N, K/128] (S), and x_shape / x_ndim /
+//           weight_shape (used below)
+//   output  out [M, N] or [B, L, N] (T)
 //   template T, S, TERNARY (bool), BM, BN (= BM), WM, WN
 //   grid (ceil(N/BN) * 32*WM*WN, ceil(M/BM), 1), threadgroup (32*WM*WN, 1, 1)
 // Twin: packed_gemm.cu (same tiles, same staging map, same decode, same edges).
@@ -29,8 +30,10 @@ threadgroup float smem[SMEM];
 threadgroup float* xs = smem;
 threadgroup float* ws = smem + BM * LDK;
 
-const int M = x_shape[0];
-const int K = x_shape[1];
+// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
+// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
+const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = int(thread_index_in_threadgroup);

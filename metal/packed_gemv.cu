@@ -2,14 +2,17 @@
 // streams ROWS W rows once; thread t takes the 16-input runs t, t + 128, ... of binary rows, the
 // byte pairs t, t + 128, ... of ternary ones), same decode and edge rules; warp shuffles stand in
 // for simd_sum, and binary rows read x with 16-byte loads. MLX generates the signature (x,
-// x_shape, weight, weight_shape, scales, out) and defines template T, S, TERNARY, MR, ROWS as
+// x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K], M = B * L for
+// [B, L, K]) and defines template T, S, TERNARY, MR, ROWS as
 // constants.
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 
 __shared__ float partial[4 * ROWS * MR];
 
-const int M = x_shape[0];
-const int K = x_shape[1];
+// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
+// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
+const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = threadIdx.x;

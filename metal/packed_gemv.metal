@@ -1,8 +1,8 @@
 // GEMV / small-M kernel: out[M, N] = x[M, K] @ W^T for a bonsai-packed W, for M of a few rows.
 // Body of an mx.fast.metal_kernel; MLX generates the signature:
-//   inputs  x [M, K] (T), weight (uint32 binary | uint8 ternary), scales [N, K/128] (S),
-//           and x_shape / weight_shape (used below)
-//   output  out [M, N] (T)
+//   inputs  x [M, K] or [B, L, K] (T; M = B * L), weight (uint32 binary |
+//           uint8 ternary), scales [N, K/128] (S), and x_shape / x_ndim / weight_shape (used below)
+//   output  out [M, N] or [B, L, N] (T)
 //   template T, S, TERNARY (bool), MR (x rows per pass), ROWS (W rows per threadgroup)
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 // Twin: packed_gemv.cu.
@@ -16,8 +16,10 @@
 
 threadgroup float partial[4 * ROWS * MR];
 
-const int M = x_shape[0];
-const int K = x_shape[1];
+// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
+// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
+const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = int(thread_index_in_threadgroup);

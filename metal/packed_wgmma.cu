@@ -22,7 +22,8 @@
 // packed_planes.cu from the base-3 bytes (one uint32 per run of 16 inputs). Decoded values are
 // exact (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
-// MLX generates the signature (x, x_shape, weight, weight_shape, scales, out) and defines template
+// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K],
+// M = B * L for [B, L, K]) and defines template
 // T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a multiple
 // of the block's 128 * WG threads), STAGES (>= 3).
 //   grid (ceil(N / (64*WG)) * 128*WG, ceil(M / BM), 1), threadgroup (128*WG, 1, 1), dynamic shared
@@ -43,8 +44,10 @@ extern __shared__ __align__(1024) uint8_t bonsai_smem[];
 const uint32_t smem_raw = static_cast<uint32_t>(__cvta_generic_to_shared(bonsai_smem));
 const uint32_t smem0 = (smem_raw + 1023u) & ~1023u;
 
-const int M = x_shape[0];
-const int K = x_shape[1];
+// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
+// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
+const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = threadIdx.x;

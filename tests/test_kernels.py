@@ -188,9 +188,10 @@ def test_dispatch_uses_a_kernel_that_passes_its_self_check(fake_gpu, recwarn, m,
     assert len(factory.launches) > n_launches and not recwarn.list
 
 
-def test_two_dimensional_x_reaches_the_kernel_without_reshapes(fake_gpu):
-    """A reshape is a graph node of its own (about 1.5 us to evaluate on CUDA): x [M, K] goes to
-    the kernel as it is and its output comes back as it is; x [B, S, K] is flattened and back."""
+def test_x_of_rank_2_and_3_reaches_the_kernel_without_reshapes(fake_gpu):
+    """A reshape is a graph node of its own (about 1.5 us to evaluate on CUDA): x [M, K] and
+    [B, L, K] go to the kernel as they are and its output comes back as it is; other ranks go
+    through [M, K]."""
     outputs = []
 
     def answer(*args):
@@ -204,7 +205,26 @@ def test_two_dimensional_x_reaches_the_kernel_without_reshapes(fake_gpu):
     y = kernels.packed_matmul(x, weight, scales, "binary")
     assert y is outputs[-1]
     y3 = kernels.packed_matmul(x.reshape(1, 3, K), weight, scales, "binary")
-    assert y3.shape == (1, 3, N) and mx.array_equal(y3[0], y)
+    assert y3 is outputs[-1] and y3.shape == (1, 3, N) and mx.array_equal(y3[0], y)
+    y4 = kernels.packed_matmul(x.reshape(1, 1, 3, K), weight, scales, "binary")
+    assert outputs[-1].shape == (3, N) and y4.shape == (1, 1, 3, N)
+    assert mx.array_equal(y4[0, 0], y)
+
+
+def test_the_self_check_covers_three_dimensional_x(fake_gpu):
+    """A kernel right for x [M, K] but wrong for [B, L, K] fails its self-check: the model's
+    calls are 3-D, so they get the reference, not garbage."""
+
+    def answer(name, inputs, template, shape, dtype):
+        right = correct_answer(name, inputs, template, shape, dtype)
+        return right if inputs[0].ndim == 2 else mx.zeros_like(right)
+
+    fake_gpu(answer)
+    weight, scales = kernels.random_packed("binary", N, K)
+    x = mx.random.normal((1, 3, K))
+    with pytest.warns(RuntimeWarning, match="self-check"):
+        y = kernels.packed_matmul(x, weight, scales, "binary")
+    assert mx.array_equal(y, kernels.reference_matmul(x, weight, scales, "binary"))
 
 
 def test_each_shape_is_planned_once(fake_gpu, monkeypatch):

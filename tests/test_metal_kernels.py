@@ -8,6 +8,7 @@ time, must be caught.
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 
@@ -61,6 +62,33 @@ def test_metal_kernel_matches_reference(kind, strategy, m, x_dtype, scale_dtype)
     )
     assert y.dtype == x_dtype and y.shape == (m, N)
     assert rel_err(y.astype(mx.float32), reference(x, weight, scales, kind)) <= EPS[x_dtype] + 1e-6
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+@pytest.mark.parametrize("strategy, lead", [("gemv", (3,)), ("gemv", (1, 3)), ("gemm", (5, 15)),
+                                            ("gemm", (1, 71)), ("gemv", ()), ("gemm", (2, 5, 7))])
+def test_metal_kernels_take_x_of_rank_2_and_3_as_it_is(kind, strategy, lead):
+    """x [M, K] and [B, L, K] go to the kernels as they are (M = B * L, no reshape node around
+    the call), other ranks through [M, K]: the numbers of the 2-D call, in x's shape."""
+    m = math.prod(lead)
+    x, weight, scales = inputs(kind, m, seed=3)
+    x = x.reshape(*lead, K)
+    launches = []
+
+    def recording(**kw):
+        kernel = metal_kernel(**kw)
+
+        def launch(**args):
+            launches.append(args["output_shapes"][0])
+            return kernel(**args)
+
+        return launch
+
+    y = kernels.metal_packed_matmul(x, weight, scales, kind, strategy=strategy, factory=recording)
+    assert y.shape == (*lead, N)
+    assert launches == [(*lead, N) if len(lead) in (1, 2) else (m, N)]
+    want = reference(x.reshape(m, K), weight, scales, kind).reshape(*lead, N)
+    assert rel_err(y, want) <= EPS[mx.float32] + 1e-6
 
 
 def test_ternary_gemv_takes_several_byte_pairs_per_thread():
