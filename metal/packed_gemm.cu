@@ -3,9 +3,9 @@
 // edge rules; the tile product runs on tensor cores (ldmatrix + mma.sync m16n8k16) from T tiles
 // in shared memory instead of 8x8 simdgroup matrices. The next K-step is loaded into registers
 // while the current one is multiplied, and the tiles are double-buffered, so one barrier per step.
-// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K],
-// M = B * L for [B, L, K]) and defines
-// template T (__half | __nv_bfloat16), S, TERNARY, BM, BN (= BM), WM, WN as constants.
+// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or
+// [B, L, K], M = B * L) and defines template T (__half | __nv_bfloat16), S, TERNARY, BM,
+// BN (= BM), WM, WN as constants.
 //   grid (ceil(N/BN) * 32*WM*WN, ceil(M/BM), 1), threadgroup (32*WM*WN, 1, 1)
 
 constexpr int BK = 32;

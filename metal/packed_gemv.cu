@@ -2,9 +2,8 @@
 // streams ROWS W rows once; thread t takes the 16-input runs t, t + 128, ... of binary rows, the
 // byte pairs t, t + 128, ... of ternary ones), same decode and edge rules; warp shuffles stand in
 // for simd_sum, and binary rows read x with 16-byte loads. MLX generates the signature (x,
-// x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K], M = B * L for
-// [B, L, K]) and defines template T, S, TERNARY, MR, ROWS as
-// constants.
+// x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K], M = B * L) and
+// defines template T, S, TERNARY, MR, ROWS as constants.
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 
 __shared__ float partial[4 * ROWS * MR];

@@ -17,7 +17,7 @@
 threadgroup float partial[4 * ROWS * MR];
 
 // x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
-// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+// indices, as in the CUDA twin (indexing x_shape by x_ndim - 1 made ptxas spill there).
 const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
 const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
 const int N = weight_shape[0];

@@ -22,10 +22,10 @@
 // packed_planes.cu from the base-3 bytes (one uint32 per run of 16 inputs). Decoded values are
 // exact (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
-// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K],
-// M = B * L for [B, L, K]) and defines template
-// T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a multiple
-// of the block's 128 * WG threads), STAGES (>= 3).
+// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or
+// [B, L, K], M = B * L) and defines template T (__half | __nv_bfloat16), S, TERNARY,
+// BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a multiple of the block's 128 * WG threads),
+// STAGES (>= 3).
 //   grid (ceil(N / (64*WG)) * 128*WG, ceil(M / BM), 1), threadgroup (128*WG, 1, 1), dynamic shared
 //   memory max(STAGES * BM * 128, BM * (128*WG + 16)) + 1024 bytes.
 
