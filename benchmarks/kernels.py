@@ -18,7 +18,8 @@ M = 1, where the host decides, each run's calls are evaluated together) of MLX's
 ceiling), MLX's quantized_matmul with bits 2 and 1 (where the backend has it), and our kernels
 per strategy, launched as packed_matmul's plans launch them (`KernelSet.launcher`: kernel,
 template and grid decided once per shape); TFLOP/s = 2*M*N*K / time. With --rounds R, each
-shape's calls are timed in R rounds, every call once per round, and the median round counts.
+shape's calls are timed in R rounds, every call once per round (each round starting one call
+later), and the median round counts.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def baselines(x, weight, scales):
 def run_timing(ks, extra, rounds):
     """Per shape, `rounds` rounds that each time every baseline and candidate once, in turn;
     the median round counts (the bf16 baseline alone moved by up to 20% between runs at the
-    largest shapes on an H100: one run's single pass made the 1.10x counts noisy)."""
+    largest shapes on an H100: one run's single pass made the 1.10x counts noisy). Each round
+    starts one call later, so that no call always runs first."""
     rows = []
     for m in MS:
         for n, k in NK:
@@ -184,8 +186,9 @@ def run_timing(ks, extra, rounds):
                                          variant=variant)
                     fns[f"{kind}_{label}"] = functools.partial(launch, x, w, s)
             runs = {key: [] for key, fn in fns.items() if fn}
-            for _ in range(rounds):
-                for key in runs:
+            keys = list(runs)
+            for r in range(rounds):
+                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                     runs[key].append(kernels.time_call(fns[key], repeats=7, calls=calls,
                                                        together=m == 1))  # see time_call
             row = dict(M=m, N=n, K=k, **{key: (statistics.median(runs[key]) if key in runs
