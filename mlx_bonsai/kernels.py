@@ -345,11 +345,11 @@ class KernelSet:
         if strategy not in ("gemv", "gemm", "wgmma"):
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         variant = variant or self.variant(strategy, m, n)
-        if len(lead) in (1, 2):
-            return getattr(self, strategy)(m, n, k, dtype, scale_dtype, ternary, init_value,
-                                            variant, (*lead, n))
+        direct = len(lead) in (1, 2)
         launch = getattr(self, strategy)(m, n, k, dtype, scale_dtype, ternary, init_value,
-                                          variant, (m, n))
+                                          variant, (*lead, n) if direct else (m, n))
+        if direct:
+            return launch
         shape = (*lead, n)
         return lambda x, weight, scales: launch(x.reshape(m, k), weight, scales).reshape(shape)
 
