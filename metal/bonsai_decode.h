@@ -23,6 +23,13 @@
 #define BONSAI_GROUP 128
 #define BONSAI_TERNARY_GROUP_BYTES 26
 
+// Rows M and inputs K of a kernel's x, [M, K] or [B, L, K] (M = B * L), from the x_shape and x_ndim
+// that MLX passes: the kernels read 3-D x as it is, without a reshape node around the call. Macros,
+// not functions, because x_shape's type differs between Metal and CUDA; constant indices, because
+// indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
+#define BONSAI_X_ROWS(x_shape, x_ndim) ((x_ndim) == 3 ? (x_shape)[0] * (x_shape)[1] : (x_shape)[0])
+#define BONSAI_X_COLS(x_shape, x_ndim) ((x_ndim) == 3 ? (x_shape)[2] : (x_shape)[1])
+
 struct BonsaiCodes16 {
   float c[16];
 };

@@ -22,10 +22,8 @@ static_assert(MI * 16 == WTM && NI * 8 == WTN && NI % 2 == 0, "warp tiles of 16 
 __shared__ __align__(16) T xs[2][BM * LDK];
 __shared__ __align__(16) T ws[2][BN * LDK];
 
-// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
-// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
-const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
-const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
+const int M = BONSAI_X_ROWS(x_shape, x_ndim);  // x [M, K] or [B, L, K]
+const int K = BONSAI_X_COLS(x_shape, x_ndim);
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = threadIdx.x;

@@ -30,10 +30,8 @@ threadgroup float smem[SMEM];
 threadgroup float* xs = smem;
 threadgroup float* ws = smem + BM * LDK;
 
-// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
-// indices, as in the CUDA twin (indexing x_shape by x_ndim - 1 made ptxas spill there).
-const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
-const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
+const int M = BONSAI_X_ROWS(x_shape, x_ndim);  // x [M, K] or [B, L, K]
+const int K = BONSAI_X_COLS(x_shape, x_ndim);
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = int(thread_index_in_threadgroup);

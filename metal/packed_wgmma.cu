@@ -44,10 +44,8 @@ extern __shared__ __align__(1024) uint8_t bonsai_smem[];
 const uint32_t smem_raw = static_cast<uint32_t>(__cvta_generic_to_shared(bonsai_smem));
 const uint32_t smem0 = (smem_raw + 1023u) & ~1023u;
 
-// x [M, K] or [B, L, K] (M = B * L), read without a reshape node around the call. Constant
-// indices: indexing x_shape by x_ndim - 1 made ptxas spill in the wgmma kernel.
-const int M = x_ndim == 3 ? x_shape[0] * x_shape[1] : x_shape[0];
-const int K = x_ndim == 3 ? x_shape[2] : x_shape[1];
+const int M = BONSAI_X_ROWS(x_shape, x_ndim);  // x [M, K] or [B, L, K]
+const int K = BONSAI_X_COLS(x_shape, x_ndim);
 const int N = weight_shape[0];
 const int groups = K / BONSAI_GROUP;
 const int tid = threadIdx.x;
