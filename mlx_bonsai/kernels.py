@@ -340,17 +340,17 @@ class KernelSet:
         lead = (m,) if lead is None else tuple(lead)
         if math.prod(lead) != m:
             raise ValueError(f"lead {lead} does not hold {m} rows")
-        if strategy == "scratch":
+        if strategy == "scratch":  # MLX's matmul takes x of any rank
             return self.scratch(m, n, k, dtype, scale_dtype, ternary, init_value)
         if strategy not in ("gemv", "gemm", "wgmma"):
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         variant = variant or self.variant(strategy, m, n)
+        shape = (*lead, n)
         direct = len(lead) in (1, 2)
         launch = getattr(self, strategy)(m, n, k, dtype, scale_dtype, ternary, init_value,
-                                          variant, (*lead, n) if direct else (m, n))
+                                          variant, shape if direct else (m, n))
         if direct:
             return launch
-        shape = (*lead, n)
         return lambda x, weight, scales: launch(x.reshape(m, k), weight, scales).reshape(shape)
 
     def run(self, strategy: str, x: mx.array, weight: mx.array, scales: mx.array, kind: str,
