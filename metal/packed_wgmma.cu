@@ -18,9 +18,9 @@
 // barrier). The accumulators leave through shared memory (transposed back to out's layout) for
 // 16-byte coalesced stores.
 //
-// Weights: binary, the bonsai-packed uint32 words; ternary, 2-bit planes made per call by
-// packed_planes.cu from the base-3 bytes (one uint32 per run of 16 inputs). Decoded values are
-// exact (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
+// Weights: binary, the bonsai-packed uint32 words; ternary, per-lane digit words made per call by
+// packed_fields.cu from the base-3 bytes (4 uint32 a row and stage). Decoded values are exact
+// (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
 // MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or
 // [B, L, K], M = B * L) and defines template T (__half | __nv_bfloat16), S, TERNARY,
@@ -97,9 +97,10 @@ auto copy_x = [&](int stage, auto vec) {
   }
 };
 
-// Packed words of one stage for rows row0 and row0 + 8: binary, 64 bits (2 words) a row;
-// ternary planes, 4 words a row. Scales as T bits in both halves. Rows past N give zeros.
-constexpr int WORDS = TERNARY ? 4 : 2;
+// Packed words of one stage for rows row0 and row0 + 8: binary, the row's 2 words; ternary, this
+// lane's 1 of the stage's 4 (its digits of the 4 runs). Scales as T bits in both halves
+// (ternary: the high half negated, see bonsai_ternary_pairs). Rows past N give zeros.
+constexpr int WORDS = TERNARY ? 4 : 2;  // a row's words per stage
 const uint32_t* wrow[2];
 const S* srow[2];
 bool wvalid[2];
@@ -107,24 +108,23 @@ bool wvalid[2];
 for (int h = 0; h < 2; ++h) {
   const int n = row0 + 8 * h;
   wvalid[h] = n < N;
-  wrow[h] = reinterpret_cast<const uint32_t*>(weight) + size_t(min(n, N - 1)) * size_t(ksteps * WORDS);
+  wrow[h] = reinterpret_cast<const uint32_t*>(weight) +
+            size_t(min(n, N - 1)) * size_t(ksteps * WORDS) + (TERNARY ? t : 0);
   srow[h] = scales + size_t(min(n, N - 1)) * size_t(groups);
 }
 // The words of consecutive stages alternate between two buffers (P: which one, a compile-time
 // BonsaiBool so that the registers are named statically).
-uint32_t wbuf[2][2][WORDS];
+uint32_t wbuf[2][2][2];  // ternary: [0] only
 uint32_t sbuf[2][2];
 auto load_w = [&](int stage, auto P) {
   constexpr int p = decltype(P)::value ? 1 : 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    sbuf[p][h] = wvalid[h] ? bonsai_bits2<T>(srow[h][stage * BK / BONSAI_GROUP]) : 0u;
+    sbuf[p][h] = wvalid[h] ? bonsai_bits2<T>(srow[h][stage * BK / BONSAI_GROUP]) ^
+                                 (TERNARY ? 0x80000000u : 0u)
+                           : 0u;
     if constexpr (TERNARY) {
-      const uint4 v = *reinterpret_cast<const uint4*>(wrow[h] + stage * WORDS);
-      wbuf[p][h][0] = v.x;
-      wbuf[p][h][1] = v.y;
-      wbuf[p][h][2] = v.z;
-      wbuf[p][h][3] = v.w;
+      wbuf[p][h][0] = wrow[h][stage * WORDS];
     } else {
       const uint2 v = *reinterpret_cast<const uint2*>(wrow[h] + stage * WORDS);
       wbuf[p][h][0] = v.x;
@@ -142,9 +142,7 @@ auto decode = [&](Half& f, auto P, auto H) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if constexpr (TERNARY) {
-        const uint32_t word = wbuf[p][h][kk];
-        f[q][h] = bonsai_planes_pair(word >> t, sbuf[p][h]);
-        f[q][2 + h] = bonsai_planes_pair(word >> (t + 4), sbuf[p][h]);
+        bonsai_ternary_pairs(wbuf[p][h][0], kk, sbuf[p][h], f[q][h], f[q][2 + h]);
       } else {
         const uint32_t bits = wbuf[p][h][kk / 2] >> (16 * (kk % 2) + 2 * t);
         f[q][h] = bonsai_binary_pair(bits, sbuf[p][h]);

@@ -13,8 +13,8 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
 - "wgmma":   Hopper GPUs (CUDA, compute capability 9.x) only: a GEMM around warpgroup MMA that
              decodes each thread's weights straight into the MMA's register operand, with x
              streamed through a ring of 128B-swizzled shared-memory stages by cp.async
-             (metal/packed_wgmma.cu; ternary weights first become 2-bit planes per call,
-             metal/packed_planes.cu). No Metal twin: Apple GPUs have no such instruction.
+             (metal/packed_wgmma.cu; ternary weights first become per-lane digit words per
+             call, metal/packed_fields.cu). No Metal twin: Apple GPUs have no such instruction.
 - "scratch": decode W to a dense copy in one pass and use MLX's own matmul
              (metal/packed_decode.*). The copy lives until the GPU has run the call; decoding
              in chunks would not bound that, as MLX keeps every chunk of a lazily built call
@@ -85,7 +85,7 @@ _DECODE_THREADS = 256
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Whole
-# steps decide (BENCHMARKS.md). Ternary (base-3 -> planes per call, then the same GEMM) beats the
+# steps decide (BENCHMARKS.md). Ternary (base-3 -> digit words per call, then the GEMM) beats the
 # portable GEMM from 512 rows. The single blocks' 1536-row calls of a 512^2 step went to scratch
 # until the 192 x 192 tiles (session 12, H100): with them wgmma won call by call at the model's
 # 1536-row shapes for binary weights (by 2-9%, medians of three rounds), and moving those calls to
@@ -286,13 +286,13 @@ class KernelSet:
             init_value)
         if not ternary:
             return launch
-        planes = self.planes(n, k)  # base-3 digits -> 2-bit planes the kernel decodes in a few ops
-        return lambda x, weight, scales: launch(x, planes(weight), scales)
+        fields = self.fields(n, k)  # base-3 bytes -> 2-bit digits laid out per lane
+        return lambda x, weight, scales: launch(x, fields(weight), scales)
 
-    def planes(self, n: int, k: int) -> Callable[[mx.array], mx.array]:
-        """Ternary rows [n, k/128*26] (uint8) -> uint32 [n, k/16]: per run of 16 inputs, which
-        weights are non-zero and which negative, in the bit order metal/packed_planes.cu gives."""
-        return self._launch(self._kernel("planes", ["weight"], "planes"), [],
+    def fields(self, n: int, k: int) -> Callable[[mx.array], mx.array]:
+        """Ternary rows [n, k/128*26] (uint8) -> uint32 [n, k/16]: every weight's base-3 digit
+        in 2 bits, where the wgmma lane that decodes it reads it (metal/packed_fields.cu)."""
+        return self._launch(self._kernel("fields", ["weight"], "fields"), [],
                             (n * k // GROUP_SIZE, 1, 1), _DECODE_THREADS, (n, k // 16),
                             mx.uint32, None)
 

@@ -2,13 +2,13 @@
 and the decode to scratch.
 
 packed_wgmma.cu cannot run here (no GPU; benchmarks/kernels.py checks it on one). What can: its
-decode arithmetic. metal/packed_planes.cu (ternary base-3 -> 2-bit planes) executes thread by
-thread as host C++, and the pair decoders of metal/bonsai_wgmma.cuh rebuild every weight of a
-row from the words that packed_wgmma.cu feeds them (per k16 step, lane t: pairs (2t, 2t+1) and
-(2t+8, 2t+9)); the result must equal the reference unpack bit for bit. packed_decode.cu runs
-whole, thread by thread, over the launch the dispatch makes, with the same bit-for-bit check.
-The wgmma asm statements, as the preprocessor expands bonsai_wgmma.cuh's macros, must name every
-operand once, in the order PTX reads them.
+decode arithmetic. metal/packed_fields.cu (ternary base-3 -> per-lane digit words) executes
+thread by thread as host C++, and the pair decoders of metal/bonsai_wgmma.cuh rebuild every
+weight of a row from the words that packed_wgmma.cu feeds them (per k16 step, lane t: pairs
+(2t, 2t+1) and (2t+8, 2t+9)); the result must equal the reference unpack bit for bit.
+packed_decode.cu runs whole, thread by thread, over the launch the dispatch makes, with the
+same bit-for-bit check. The wgmma asm statements, as the preprocessor expands bonsai_wgmma.cuh's
+macros, must name every operand once, in the order PTX reads them.
 """
 
 import re
@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import fields_of
 
 from mlx_bonsai import kernels
 
@@ -35,16 +36,32 @@ struct __nv_bfloat16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 struct dim3 { unsigned x, y, z; };
 struct Shape { int v[2]; int operator[](int i) const { return v[i]; } };
+struct uint4 { uint32_t x, y, z, w; };
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+// PTX prmt (default mode), which bonsai_wgmma.cuh issues as inline asm on the GPU: byte i of the
+// result is byte c[4i+2:4i] of b:a, its top bit copied to all 8 bits if c[4i+3] is set.
+inline uint32_t bonsai_prmt(uint32_t a, uint32_t b, uint32_t c) {
+  const uint64_t v = a | uint64_t(b) << 32;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t nibble = c >> (4 * i) & 15u;
+    uint32_t byte = uint32_t(v >> (8 * (nibble & 7u))) & 0xffu;
+    if (nibble & 8u) byte = byte & 0x80u ? 0xffu : 0u;
+    r |= byte << (8 * i);
+  }
+  return r;
+}
 """
 
 HARNESS = PRELUDE + r"""
 @HEADERS@
-static void planes_thread(const uint8_t* weight, Shape weight_shape, uint32_t* planes,
+static void fields_thread(const uint8_t* weight, Shape weight_shape, uint32_t* fields,
                           dim3 blockIdx, dim3 blockDim, dim3 threadIdx) {
-@PLANES@
+@FIELDS@
 }
-// stdin: kind (0 binary, 1 ternary), N, K, the N scale bit patterns (uint16), the packed row
-// bytes; stdout: the N x K decoded weights as uint16 bit patterns.
+// stdin: kind (0 binary, 1 ternary, 2 ternary: print the pass's words), N, K, the N scale bit
+// patterns (uint16), the packed row bytes; stdout: the N x K decoded weights as uint16 bit
+// patterns (2: the words).
 int main() {
   int kind, n, k;
   if (scanf("%d %d %d", &kind, &n, &k) != 3) return 1;
@@ -53,12 +70,12 @@ int main() {
   const int row_bytes = kind ? k / 128 * 26 : k / 8;
   std::vector<uint8_t> packed(size_t(n) * row_bytes);
   for (auto& b : packed) { unsigned v; scanf("%u", &v); b = uint8_t(v); }
-  std::vector<uint32_t> words(size_t(n) * (k / 16));  // ternary: planes; binary: the words
+  std::vector<uint32_t> words(size_t(n) * (k / (kind ? 16 : 32)));  // digit words / the words
   if (kind) {
     const Shape shape{{n, row_bytes}};
     const unsigned threads = unsigned(n) * unsigned(k / 128);  // one per group, as launched
     for (unsigned i = 0; i < threads; ++i) {
-      planes_thread(packed.data(), shape, words.data(), dim3{i / 256, 0, 0}, dim3{256, 1, 1},
+      fields_thread(packed.data(), shape, words.data(), dim3{i / 256, 0, 0}, dim3{256, 1, 1},
                     dim3{i % 256, 0, 0});
     }
   } else {
@@ -67,15 +84,18 @@ int main() {
                  uint32_t(packed[4 * i + 3]) << 24;
     }
   }
+  if (kind == 2) {  // the pass's words themselves
+    for (uint32_t w : words) printf("%u\n", w);
+    return 0;
+  }
   std::vector<uint16_t> out(size_t(n) * k);
   for (int r = 0; r < n; ++r) {
     for (int k16 = 0; k16 < k / 16; ++k16) {
       for (int t = 0; t < 4; ++t) {
         uint32_t lo, hi;  // pairs (2t, 2t+1) and (2t+8, 2t+9) of the run, as the kernel forms them
-        if (kind) {
-          const uint32_t word = words[size_t(r) * (k / 16) + k16];
-          lo = bonsai_planes_pair(word >> t, s2[r]);
-          hi = bonsai_planes_pair(word >> (t + 4), s2[r]);
+        if (kind) {  // stage k16 / 4, run k16 % 4: lane t's word t of the stage
+          const uint32_t word = words[size_t(r) * (k / 16) + k16 / 4 * 4 + t];
+          bonsai_ternary_pairs(word, k16 % 4, s2[r] ^ 0x80000000u, lo, hi);
         } else {
           const uint32_t bits = words[size_t(r) * (k / 32) + k16 / 2] >> (16 * (k16 % 2) + 2 * t);
           lo = bonsai_binary_pair(bits, s2[r]);
@@ -116,15 +136,19 @@ def compile_harness(tmp_path_factory, harness: str, **parts: str) -> Path:
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
     exe = compile_harness(tmp_path_factory, HARNESS, HEADERS="bonsai_decode.h bonsai_wgmma.cuh",
-                          PLANES="packed_planes.cu")
+                          FIELDS="packed_fields.cu")
 
     def decode(kind: str, weight: mx.array, scales: mx.array) -> np.ndarray:
+        """Decoded weights [n, k] as bit patterns; kind "fields": the ternary pass's words."""
         n, k = scales.shape[0], scales.shape[1] * 128
         rows = np.array(weight).view(np.uint8).reshape(n, -1)
         # One scale per row: the decoders see one scale word per row and stage.
         s_bits = np.array(scales[:, :1].astype(mx.bfloat16).view(mx.uint16)).reshape(-1)
-        text = " ".join(map(str, [int(kind == "ternary"), n, k, *s_bits, *rows.reshape(-1)]))
+        code = {"binary": 0, "ternary": 1, "fields": 2}[kind]
+        text = " ".join(map(str, [code, n, k, *s_bits, *rows.reshape(-1)]))
         out = subprocess.run([str(exe)], input=text, check=True, capture_output=True, text=True)
+        if kind == "fields":
+            return np.array(out.stdout.split(), dtype=np.uint32).reshape(n, -1)
         return np.array(out.stdout.split(), dtype=np.uint16).reshape(n, k)
 
     return decode
@@ -147,12 +171,18 @@ def test_wgmma_decode_equals_the_reference_unpack(decoder, kind):
         assert (got == 0).any() and not (got == 0x8000).any()
 
 
+def test_ternary_pass_writes_the_documented_layout(decoder):
+    """The words of metal/packed_fields.cu are those of its documented layout, which the
+    pretend Hopper GPU of tests/test_kernels.py also produces (conftest.fields_of)."""
+    n, k = 7, 5 * 128
+    weight, scales = kernels.random_packed("ternary", n, k, key=mx.random.key(9))
+    assert np.array_equal(decoder("fields", weight, scales), np.array(fields_of(weight)))
+
+
 DECODE_HARNESS = PRELUDE + r"""
 struct __nv_bfloat162 { uint16_t lo, hi; };
 struct __half2 { uint16_t lo, hi; };
-struct uint4 { uint32_t x, y, z, w; };
 struct float4 { float x, y, z, w; };
-inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint16_t bf16_rn(float f) {  // round to nearest even, as __floats2bfloat162_rn (no NaN here)
   uint32_t u;

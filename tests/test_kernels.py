@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import fields_of, rel_err, unfields
 
 from mlx_bonsai import kernels
 from mlx_bonsai.errors import BonsaiError, ConfigError, WeightsError
@@ -378,27 +378,6 @@ def test_cuda_gemm_never_takes_float32(monkeypatch):
 # Dispatch on a pretend Hopper GPU (CUDA, compute capability 9): the wgmma strategy's launches.
 
 
-# metal/packed_planes.cu's documented layout: per run of 16 weights one uint32; pair p =
-# weights 2p, 2p+1: bits p / 16+p non-zero, bits 8+p / 24+p negative. Weight j's non-zero bit:
-PLANE_BIT = (np.arange(16) % 2) * 16 + np.arange(16) // 2
-
-
-def planes_of(weight: mx.array) -> mx.array:
-    """metal/packed_planes.cu's output, from its documented layout (PLANE_BIT)."""
-    n = weight.shape[0]
-    codes = np.array(kernels.unpack_ternary(weight, mx.ones((n, weight.shape[1] // 26)),
-                                            mx.float32)).astype(np.int64).reshape(n, -1, 16)
-    words = ((codes != 0) << PLANE_BIT).sum(-1) + ((codes < 0) << (PLANE_BIT + 8)).sum(-1)
-    return mx.array(words.astype(np.uint32))
-
-
-def unplanes(planes: mx.array) -> mx.array:
-    """Codes {-1, 0, 1} [n, k] back from planes_of's words."""
-    words = np.array(planes).astype(np.int64)[..., None]
-    nz, neg = (words >> PLANE_BIT) & 1, (words >> (PLANE_BIT + 8)) & 1
-    return mx.array((nz * (1 - 2 * neg)).reshape(planes.shape[0], -1).astype(np.float32))
-
-
 def nvrtc_text(text: str) -> str:
     """`text` as NVRTC compiles it: each `#include "path"` line replaced by that file."""
     return re.sub(r'#include "([^"]+)"', lambda m: Path(m.group(1)).read_text(), text)
@@ -423,11 +402,11 @@ class FakeCudaFactory:
             template = dict(template)
             self.launches.append((name, template, grid, threadgroup, tuple(output_shapes[0]),
                                   output_dtypes[0]))
-            if name == "bonsai_planes":
-                return [planes_of(inputs[0])]
+            if name == "bonsai_fields":
+                return [fields_of(inputs[0])]
             if name == "bonsai_wgmma" and template["TERNARY"]:
-                x, planes, scales = inputs
-                dense = unplanes(planes) * mx.repeat(scales.astype(mx.float32), 128, axis=1)
+                x, fields, scales = inputs
+                dense = unfields(fields) * mx.repeat(scales.astype(mx.float32), 128, axis=1)
                 return [(x.astype(mx.float32) @ dense.T).astype(output_dtypes[0])]
             return [correct_answer(name, inputs, template, output_shapes[0], output_dtypes[0])]
 
@@ -494,10 +473,10 @@ def test_wgmma_launch(fake_hopper, kind, m, n, tile):
     cap = {128: 128, 256: 255, 192: 168}[bm]
     cap = f"#define __global__ __location__(global) __maxnreg__({cap})\n"
     assert cap in fake_hopper.headers["bonsai_wgmma"]
-    if kind == "ternary":  # the planes of this call's weight went in, not the base-3 bytes
-        planes = fake_hopper.launches[-2]
-        assert planes[0] == "bonsai_planes" and planes[4] == (n, K // 16)
-        assert planes[5] == mx.uint32 and planes[2] == (n * K // 128, 1, 1)
+    if kind == "ternary":  # the fields of this call's weight went in, not the base-3 bytes
+        fields = fake_hopper.launches[-2]
+        assert fields[0] == "bonsai_fields" and fields[4] == (n, K // 16)
+        assert fields[5] == mx.uint32 and fields[2] == (n * K // 128, 1, 1)
 
 
 @pytest.mark.parametrize("kind", kernels.KINDS)
