@@ -129,8 +129,9 @@ __device__ __forceinline__ uint32_t bonsai_prmt(uint32_t a, uint32_t b, uint32_t
 // four nibbles; a permute through the table 0x00104432 turns each digit into the selectors of
 // its output half (digit 0: bytes 2, 3 of sa, -s; 1: byte 4, i.e. of the zero register, 0;
 // 2: bytes 0, 1, +s); a second permute per pair applies two selectors. `sa` holds the scale's
-// bytes s_lo, s_hi, s_lo, s_hi ^ 0x80 (its bits in both halves, the high half negated). Exact;
-// zero is +0.
+// bytes s_lo, s_hi, s_lo, s_hi ^ 0x80: the binary pairs' scale word ^ BONSAI_TERNARY_SA, which
+// negates its high half. Exact; zero is +0.
+#define BONSAI_TERNARY_SA 0x80000000u
 __device__ __forceinline__ void bonsai_ternary_pairs(uint32_t word, int run, uint32_t sa,
                                                      uint32_t& lo, uint32_t& hi) {
   const uint32_t digits = (word >> (16 * (run / 2) + 2 * (run % 2))) & 0x3333u;

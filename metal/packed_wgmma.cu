@@ -121,7 +121,7 @@ auto load_w = [&](int stage, auto P) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     sbuf[p][h] = wvalid[h] ? bonsai_bits2<T>(srow[h][stage * BK / BONSAI_GROUP]) ^
-                                 (TERNARY ? 0x80000000u : 0u)
+                                 (TERNARY ? BONSAI_TERNARY_SA : 0u)
                            : 0u;
     if constexpr (TERNARY) {
       wbuf[p][h][0] = wrow[h][stage * WORDS];

@@ -95,7 +95,7 @@ int main() {
         uint32_t lo, hi;  // pairs (2t, 2t+1) and (2t+8, 2t+9) of the run, as the kernel forms them
         if (kind) {  // stage k16 / 4, run k16 % 4: lane t's word t of the stage
           const uint32_t word = words[size_t(r) * (k / 16) + k16 / 4 * 4 + t];
-          bonsai_ternary_pairs(word, k16 % 4, s2[r] ^ 0x80000000u, lo, hi);
+          bonsai_ternary_pairs(word, k16 % 4, s2[r] ^ BONSAI_TERNARY_SA, lo, hi);
         } else {
           const uint32_t bits = words[size_t(r) * (k / 32) + k16 / 2] >> (16 * (k16 % 2) + 2 * t);
           lo = bonsai_binary_pair(bits, s2[r]);
