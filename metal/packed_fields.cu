@@ -7,7 +7,7 @@
 // A-fragment pairs of that lane; i-th of them: i = 0-3) in bits 16 (r / 2) + 2 (r % 2) + 4 i:
 // two runs share each nibble, so one mask gives a run's digits a nibble each. The kernel loads
 // one word a row and stage and decodes a pair in about two byte permutes (bonsai_ternary_pairs).
-// 2 bits a weight, as the non-zero / negative planes this pass made before.
+// 2 bits a weight: N * K / 4 bytes of scratch a call, 32 bytes a group against the 26 it reads.
 //
 // Thread i converts group i of the matrix (row i / groups; rows are contiguous, so its 26 bytes
 // start at byte 26 i, read as 13 two-byte loads: weight and its row slices start at even bytes)
