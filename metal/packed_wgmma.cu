@@ -10,24 +10,26 @@
 // step), so decoded weights never touch shared memory; only x does, and each decoded fragment
 // feeds BM rows of x (256-row blocks halve the decoding per product; kernels.py). x advances 64
 // inputs per stage (one 128-byte, 128B-swizzled row of T per x row, the layout wgmma's
-// descriptors read) through a ring of STAGES slots filled by cp.async AHEAD stages in advance.
-// Each stage's MMAs are issued in two halves (two k16 steps each) from two sets of fragment
-// registers, so that one half is decoded while the other multiplies; the packed words of the
-// stage after next load from global memory meanwhile. A slot is refilled only after every
-// warpgroup's MMAs on it retired (wgmma.wait_group 1 after each half, then the next stage's
-// barrier). The accumulators leave through shared memory (transposed back to out's layout) for
-// 16-byte coalesced stores.
+// descriptors read) through a ring of STAGES slots, each with an mbarrier that says its stage
+// landed. The tensor memory accelerator (TMA) fills the slots, issued by one thread, so the other
+// threads spend no instructions on x and the loop has no block barrier. Each stage's MMAs are
+// issued in two halves (two k16 steps each) from two sets of fragment registers, so that one half
+// is decoded while the other multiplies; the packed words of the stage after next load from
+// global memory meanwhile. A slot is refilled once every warp's MMAs on it retired. The
+// accumulators leave through shared memory (transposed back to out's layout) for 16-byte
+// coalesced stores.
 //
 // Weights: binary, the bonsai-packed uint32 words; ternary, per-lane digit words made per call by
 // packed_fields.cu from the base-3 bytes (4 uint32 a row and stage). Decoded values are exact
 // (±s, 0), so the result is a T GEMM of the dequantized weights with fp32 accumulation.
 //
-// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or
-// [B, L, K], M = B * L) and defines template T (__half | __nv_bfloat16), S, TERNARY,
-// BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a multiple of the block's 128 * WG threads),
-// STAGES (>= 3).
+// MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape, scales, out, maps; x
+// [M, K] or [B, L, K], M = B * L; maps: uint8 scratch of 128 bytes a block plus 128) and defines
+// template T (__half | __nv_bfloat16), S, TERNARY, BM (128 | 192 | 256), WG (1 | 2 | 3; BM * 8 a
+// multiple of the block's 128 * WG threads), STAGES (>= 3).
 //   grid (ceil(N / (64*WG)) * 128*WG, ceil(M / BM), 1), threadgroup (128*WG, 1, 1), dynamic shared
-//   memory max(STAGES * BM * 128, BM * (128*WG + 16)) + 1024 bytes.
+//   memory RING + 128 + 8 * STAGES + 1024 bytes, RING = max(STAGES * BM * 128, BM * (128*WG + 16))
+//   rounded up to 128 (kernels.wgmma_shared_memory).
 
 constexpr int BK = 64;
 constexpr int BN = 64 * WG;
@@ -35,9 +37,9 @@ constexpr int THREADS = 128 * WG;
 constexpr int SLOT = BM * BK * 2;  // bytes of one x stage
 constexpr int CHUNKS = BM * (BK / 8) / THREADS;  // 16-byte pieces of x a thread copies a stage
 constexpr int ACC = BM / 2;  // fp32 accumulators per thread (64 weight rows x BM / 128 threads)
-constexpr int AHEAD = STAGES - 2;  // stages in flight beyond the one multiplied
 constexpr int EROW = BN * 2 + 16;  // epilogue row bytes; the 16 keep the scatter conflict-free
-static_assert(CHUNKS * THREADS == BM * 8 && AHEAD >= 1 && BM % 64 == 0, "tile shape");
+constexpr int RING = ((STAGES * SLOT > BM * EROW ? STAGES * SLOT : BM * EROW) + 127) / 128 * 128;
+static_assert(CHUNKS * THREADS == BM * 8 && STAGES >= 3 && BM % 64 == 0, "tile shape");
 
 extern __shared__ __align__(1024) uint8_t bonsai_smem[];
 // wgmma's 128B swizzle repeats every 1024 bytes: slots start on such a boundary.
@@ -58,44 +60,105 @@ const int ksteps = K / BK;
 // This thread's two weight rows: g and g + 8 of its warp's 16 in its warpgroup's 64.
 const int row0 = n0 + (tid / 128) * 64 + (tid % 128) / 32 * 16 + g;
 
-// x copy plan, fixed for the whole K loop (the loop is issue-bound: keep per-stage work small).
-// Piece i of this thread is row tid / 8 + i * THREADS / 8, 16-byte column tid % 8, so 8 threads
-// read a row's 128 contiguous bytes and every piece has the same swizzled column; rows past M are
-// zero-filled (source size 0).
+// x feed. mx.fast.cuda_kernel cannot pass a tensor map, so warp 0 writes one from zeros in shared
+// memory (tensormap.replace, sm_90a) and copies it to this block's 128 bytes of `maps`, where the
+// copy engine reads it; rows past M arrive as zeros. The TMA needs x 16-byte aligned; a
+// misaligned x (a view at an odd offset, rare) takes the same loop with every thread copying its
+// share of a stage by element loads (VEC false), arriving on the slot's mbarrier.
+const uint32_t mapsm = smem0 + RING;
+const uint32_t bars = mapsm + 128;  // an mbarrier a slot: its stage landed
+auto full = [&](int stage) { return bars + 8u * uint32_t(stage % STAGES); };
+const uint64_t xaddr = reinterpret_cast<uint64_t>(x);
+const bool aligned = xaddr % 16 == 0;
+uint8_t* gmap = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) &
+                                           ~uintptr_t(127)) +
+                size_t(blockIdx.y * gridDim.x + blockIdx.x) * 128;
+// The element copy: piece i of this thread is row tid / 8 + i * THREADS / 8, 16-byte column
+// tid % 8 (swizzled as the TMA writes it); rows past M read row M - 1 and store zeros.
 const int xrow = tid / 8;
 const uint32_t xdst = xrow * 128 + (((tid % 8) ^ (xrow & 7)) << 4);
-const T* xsrc = x + size_t(min(m0 + xrow, M - 1)) * size_t(K) + size_t((tid % 8) * 8);
-const size_t xstride = size_t(THREADS / 8) * size_t(K);
-uint32_t xin = 0;  // bit i: piece i's row is inside x
+// Stage `stage` into its slot if `go` (the same for every thread); predicated, not branched:
+// ptxas serializes every wgmma of the kernel when a divergent branch in the loop holds work
+// (C7520), as a thread-0 branch around the copy did.
+auto fill = [&](int stage, bool go, auto vec) {
+  const uint32_t dst = smem0 + (stage % STAGES) * SLOT;
+  if constexpr (decltype(vec)::value) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %5, 0;\n"
+                 "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%4], %6;\n"
+                 "@p cp.async.bulk.tensor.2d.shared::cluster.global.tile"
+                 ".mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n}\n"
+                 :: "r"(dst), "l"(gmap), "r"(stage * BK), "r"(m0), "r"(full(stage)),
+                    "r"(go && tid == 0 ? 1 : 0), "n"(SLOT) : "memory");
+  } else {
 #pragma unroll
-for (int i = 0; i < CHUNKS; ++i) {
-  xin |= (m0 + xrow + i * (THREADS / 8) < M ? 1u : 0u) << i;
-}
-// VEC: x is 16-byte aligned (cp.async); otherwise element-wise loads and ordinary stores.
-auto copy_x = [&](int stage, auto vec) {
-  const uint32_t a = smem0 + (stage % STAGES) * SLOT + xdst;
-  const T* src = xsrc + stage * BK;
+    for (int i = 0; i < CHUNKS; ++i) {
+      const int row = m0 + xrow + i * (THREADS / 8);
+      const bool in = row < M;
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(x) +  // in bounds when not `go`
+                          size_t(min(row, M - 1)) * size_t(K) + min(stage, ksteps - 1) * BK +
+                          (tid % 8) * 8;
+      uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < CHUNKS; ++i) {
-    const uint32_t dst = a + i * (THREADS / 8) * 128;
-    const T* p = src + i * xstride;
-    if constexpr (decltype(vec)::value) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                   :: "r"(dst), "l"(p), "r"((xin >> i) & 1u ? 16 : 0) : "memory");
-    } else {
-      uint32_t w[4] = {0, 0, 0, 0};
-      if ((xin >> i) & 1u) {
-        const uint16_t* e = reinterpret_cast<const uint16_t*>(p);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          w[j] = uint32_t(e[2 * j]) | (uint32_t(e[2 * j + 1]) << 16);
-        }
+      for (int j = 0; j < 4; ++j) {
+        w[j] = in ? uint32_t(e[2 * j]) | (uint32_t(e[2 * j + 1]) << 16) : 0u;
       }
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-                   :: "r"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+      asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %5, 0;\n"
+                   "@p st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n}\n"
+                   :: "r"(dst + xdst + i * (THREADS / 8) * 128), "r"(w[0]), "r"(w[1]),
+                      "r"(w[2]), "r"(w[3]), "r"(go ? 1 : 0) : "memory");
     }
+    // wgmma reads through the async proxy: make the stores visible to it, then arrive.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %1, 0;\n"
+                 "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n"
+                 :: "r"(full(stage)), "r"(go ? 1 : 0) : "memory");
   }
 };
+// Spin until stage `stage` landed (labels inside braces are local to each inlined copy).
+auto wait_full = [&](int stage) {
+  asm volatile("{\n.reg .pred p;\nWAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               "@!p bra WAIT;\n}\n" :: "r"(full(stage)), "r"((stage / STAGES) & 1)
+               : "memory");
+};
+if (tid < 32) {
+  if (aligned) {  // the tensor map of x: [M, K] of T, 64 x BM boxes, 128-byte swizzle
+    asm volatile("st.shared.u32 [%0], 0;\n" :: "r"(mapsm + 4 * lane) : "memory");
+    __syncwarp();
+    if (lane == 0) {
+      asm volatile(
+          "tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;\n"
+          "tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], 1;\n"
+          "tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 0, %2;\n"
+          "tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 1, %3;\n"
+          "tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 0, %4;\n"
+          "tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 1, %5;\n"
+          "tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], 0, %6;\n"
+          "tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 0, 1;\n"
+          "tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 1, 1;\n"
+          "tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], %7;\n"
+          "tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;\n"
+          "tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;\n"
+          "tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;\n"
+          :: "r"(mapsm), "l"(xaddr), "r"(BK), "r"(BM), "r"(K), "r"(M), "l"(uint64_t(K) * 2),
+             "n"(BonsaiSame<T, __nv_bfloat16>::value ? 10 : 6) : "memory");
+    }
+    __syncwarp();
+    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu"
+                 ".sync.aligned [%0], [%1], 128;\n" :: "l"(gmap), "r"(mapsm) : "memory");
+  }
+  if (lane == 0) {
+    for (int s = 0; s < STAGES; ++s) {  // TMA: one arrival (with the bytes); else every thread
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"
+                   :: "r"(full(s)), "r"(aligned ? 1 : THREADS) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if (aligned) {
+      asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n"
+                   :: "l"(gmap) : "memory");
+    }
+  }
+}
 
 // Packed words of one stage for rows row0 and row0 + 8: binary, the row's 2 words; ternary, this
 // lane's 1 of the stage's 4 (its digits of the 4 runs). Scales as T bits in both halves
@@ -162,7 +225,7 @@ bonsai_fence_operands(acc);
 // Half `half` of the stage whose x is at b: two k16 steps from fragment set f, then wait until
 // at most these MMAs are in flight.
 Half fa, fb;
-auto mma_half = [&](Half& f, uint32_t b, int half) {
+auto mma_half = [&](Half& f, uint32_t b, int half, auto LAST) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
@@ -171,66 +234,81 @@ auto mma_half = [&](Half& f, uint32_t b, int half) {
     bonsai_wgmma_rs<T, BM>(acc, f[q], bonsai_wgmma_desc(b + (2 * half + q) * 32));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+  if constexpr (decltype(LAST)::value) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  } else {
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+  }
+};
+// Slot hand-back: once the MMAs of stage kt - 1 retired (the first wait of stage kt), warps 1..
+// arrive at hardware barrier 1 + its slot and warp 0 syncs there (every thread counted) before
+// thread 0 refills the slot with stage kt - 1 + STAGES; with the element copy every thread
+// syncs, as every thread copies. Only slots that get refilled take part.
+auto refills = [&](int kt) { return kt > 0 && kt - 1 + STAGES < ksteps; };
+auto handback = [&](int kt, bool me) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\n@p bar.arrive %1, %2;\n}\n"
+               :: "r"(me ? 1 : 0), "r"(1 + (kt + STAGES - 1) % STAGES), "n"(THREADS)
+               : "memory");
+};
+auto takeback = [&](int kt, bool me) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\n@p bar.sync %1, %2;\n}\n"
+               :: "r"(me ? 1 : 0), "r"(1 + (kt + STAGES - 1) % STAGES), "n"(THREADS)
+               : "memory");
 };
 // Stage kt: its words are in buffer P, the next stage's in NP, its first half already decoded
 // into fa. Each half's wait_group 1 retires the MMAs of the other fragment set, which is then
-// decoded while this half multiplies. Ternary 128-row tiles want more registers than two blocks
-// per SM allow (164 a thread with nvcc 13.0's ptxas); kernels.py caps them at 128 (__maxnreg__):
-// a few spills, 9-19% faster than one block per SM at the step's large shapes (BENCHMARKS.md).
-// 192- and 256-row tiles hold 1.5 and 2 times the accumulators and run one block per SM.
-auto step = [&](int kt, auto P, auto NP, auto vec) {
-  asm volatile("cp.async.wait_group %0;\n" :: "n"(AHEAD - 1) : "memory");
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  if (kt + AHEAD < ksteps) {
-    copy_x(kt + AHEAD, vec);
-  }
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
+// decoded while this half multiplies. TAIL: one of the last two stages, which refill nothing
+// (STAGES >= 3); LAST: the last, whose second half retires every MMA. kernels.py caps 128-row
+// tiles at 128 registers (__maxnreg__) so that two blocks share an SM; 192- and 256-row tiles
+// hold 1.5 and 2 times the accumulators and run one block per SM.
+auto step = [&](int kt, auto P, auto NP, auto TAIL, auto LAST, auto vec) {
+  constexpr bool tail = decltype(TAIL)::value, last = decltype(LAST)::value;
+  constexpr bool tma = decltype(vec)::value;
+  wait_full(kt);
   const uint32_t b = smem0 + (kt % STAGES) * SLOT;
-  mma_half(fa, b, 0);
+  mma_half(fa, b, 0, BonsaiBool<false>{});
+  if constexpr (!tail && tma) {
+    handback(kt, refills(kt) && tid >= 32);
+  }
   decode(fb, P, BonsaiBool<true>{});
-  mma_half(fb, b, 1);
-  if (kt + 1 < ksteps) {
+  mma_half(fb, b, 1, LAST);
+  if constexpr (!last) {
     decode(fa, NP, BonsaiBool<false>{});
   }
-  if (kt + 2 < ksteps) {
+  if constexpr (!tail) {
     load_w(kt + 2, P);
+    takeback(kt, refills(kt) && (tid < 32 || !tma));
+    fill(kt - 1 + STAGES, refills(kt), vec);
   }
 };
-// The loop exists twice, for aligned and misaligned x, and is unrolled by two so that the
-// buffers alternate by name.
+// K is a multiple of 128, so stages come in pairs: the loop is unrolled by two (the buffers
+// alternate by name) and the last pair is peeled, its last half retiring every MMA: with one
+// group left in flight past the loop, ptxas (CUDA 13.0) moved the epilogue's accumulator reads
+// above the wait after it (session 5's hazard, BENCHMARKS.md). The loop exists twice, for the
+// TMA and the element copy.
 auto mainloop = [&](auto vec) {
-  // Prologue: x of stages 0 .. AHEAD-1 in flight, stage 0's first half decoded.
-  for (int s = 0; s < AHEAD; ++s) {
-    if (s < ksteps) {
-      copy_x(s, vec);
-    }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  constexpr BonsaiBool<false> no{};
+  constexpr BonsaiBool<true> yes{};
+  load_w(0, no);
+  load_w(1, yes);
+  __syncthreads();  // the mbarriers are initialized
+  for (int s = 0; s < min(STAGES, ksteps); ++s) {
+    fill(s, true, vec);
   }
-  load_w(0, BonsaiBool<false>{});
-  decode(fa, BonsaiBool<false>{}, BonsaiBool<false>{});
-  if (ksteps > 1) {
-    load_w(1, BonsaiBool<true>{});
+  decode(fa, no, no);
+  for (int kt = 0; kt < ksteps - 2; kt += 2) {
+    step(kt, no, yes, no, no, vec);
+    step(kt + 1, yes, no, no, no, vec);
   }
-  for (int kt = 0; kt < ksteps; kt += 2) {
-    step(kt, BonsaiBool<false>{}, BonsaiBool<true>{}, vec);
-    if (kt + 1 < ksteps) {
-      step(kt + 1, BonsaiBool<true>{}, BonsaiBool<false>{}, vec);
-    }
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  step(ksteps - 2, no, yes, yes, no, vec);
+  step(ksteps - 1, yes, no, yes, yes, vec);
 };
-if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+if (aligned) {
   mainloop(BonsaiBool<true>{});
 } else {
   mainloop(BonsaiBool<false>{});
 }
-// The fence binds NVVM, not ptxas: in a development variant of this kernel (x fed by bulk
-// copies) ptxas (CUDA 13.0) scheduled the epilogue's accumulator conversions above the wait
-// after the loop, losing part of the last stage. Here they come after it (SASS of all eight
-// instantiations), and the first-use self-check in kernels.py catches it otherwise. Waiting
-// inside the loop instead costs 5-10% of the binary kernel's time (BENCHMARKS.md).
+// Every MMA retired in the last step (above); the fence keeps NVVM from moving accumulator reads.
 bonsai_fence_operands(acc);
 __syncthreads();  // every MMA has read its x: the ring becomes the epilogue tile
 

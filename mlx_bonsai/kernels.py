@@ -12,9 +12,10 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
              memory (metal/packed_gemm.*).
 - "wgmma":   Hopper GPUs (CUDA, compute capability 9.x) only: a GEMM around warpgroup MMA that
              decodes each thread's weights straight into the MMA's register operand, with x
-             streamed through a ring of 128B-swizzled shared-memory stages by cp.async
-             (metal/packed_wgmma.cu; ternary weights first become per-lane digit words per
-             call, metal/packed_fields.cu). No Metal twin: Apple GPUs have no such instruction.
+             streamed through a ring of 128B-swizzled shared-memory stages by the tensor memory
+             accelerator (metal/packed_wgmma.cu; ternary weights first become per-lane digit
+             words per call, metal/packed_fields.cu). No Metal twin: Apple GPUs have no such
+             instruction.
 - "scratch": decode W to a dense copy in one pass and use MLX's own matmul
              (metal/packed_decode.*). The copy lives until the GPU has run the call; decoding
              in chunks would not bound that, as MLX keeps every chunk of a lazily built call
@@ -111,6 +112,14 @@ WGMMA_WIDE_FROM = 1024
 HOPPER_SMS = 132  # H100 SXM, H200; a GPU with another count gets a worse-fitting tile, no error
 
 
+def wgmma_shared_memory(bm: int, wg: int, stages: int) -> int:
+    """Dynamic shared memory of a wgmma block: the x ring (or the epilogue tile, if larger),
+    rounded to 128 bytes, then the tensor map of x (128) and an mbarrier a slot, plus 1 KiB to
+    align the ring to 1024 bytes."""
+    ring = -(-max(stages * bm * 128, bm * (128 * wg + 16)) // 128) * 128
+    return ring + 128 + 8 * stages + 1024
+
+
 def wgmma_blocks_per_sm(bm: int) -> int:
     """Blocks of BM rows of x that share an SM (the register cap is set for that many)."""
     return 2 if bm == 128 else 1
@@ -184,7 +193,7 @@ class KernelSet:
         self.factory = factory
         self._built: dict[str, Any] = {}
 
-    def _kernel(self, name: str, input_names: list[str], output_name: str,
+    def _kernel(self, name: str, input_names: list[str], output_names: list[str],
                 key: str | None = None, shared_memory: int = 0, headers: tuple[str, ...] = (),
                 header: str = "") -> Any:
         """Kernel `bonsai_<name>` from metal/packed_<name>.*, built once per `key` (variants that
@@ -208,7 +217,7 @@ class KernelSet:
             kernel = self.factory(
                 name=f"bonsai_{name}",
                 input_names=input_names,
-                output_names=[output_name],
+                output_names=output_names,
                 source=source,
                 header=header,
                 ensure_row_contiguous=True,
@@ -248,10 +257,15 @@ class KernelSet:
 
     @staticmethod
     def _launch(kernel: Any, template: list, grid: tuple[int, int, int], threads: int,
-                shape: tuple[int, int], dtype: mx.Dtype, init_value: float | None) -> Launch:
-        """kernel(inputs=...) with everything else fixed: (*inputs) -> its output."""
+                shape: tuple[int, int], dtype: mx.Dtype, init_value: float | None,
+                scratch: int = 0) -> Launch:
+        """kernel(inputs=...) with everything else fixed: (*inputs) -> its output. `scratch`:
+        bytes of a second, uint8 output the kernel uses as device scratch."""
+        shapes, dtypes = [shape], [dtype]
+        if scratch:
+            shapes, dtypes = [shape, (scratch,)], [dtype, mx.uint8]
         options = dict(template=template, grid=grid, threadgroup=(threads, 1, 1),
-                       output_shapes=[shape], output_dtypes=[dtype], init_value=init_value)
+                       output_shapes=shapes, output_dtypes=dtypes, init_value=init_value)
 
         def launch(*inputs: mx.array) -> mx.array:
             return kernel(inputs=list(inputs), **options)[0]
@@ -263,7 +277,7 @@ class KernelSet:
         bm, wm, wn = variant
         threads = 32 * wm * wn
         return self._launch(
-            self._kernel("gemm", ["x", "weight", "scales"], "out"),
+            self._kernel("gemm", ["x", "weight", "scales"], ["out"]),
             [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("BM", bm), ("BN", bm),
              ("WM", wm), ("WN", wn)],
             (math.ceil(n / bm) * threads, math.ceil(m / bm), 1), threads, out, dtype, init_value)
@@ -272,18 +286,18 @@ class KernelSet:
               init_value: float | None, variant: tuple[int, int, int], out: tuple) -> Launch:
         bm, wg, stages = variant
         threads = 128 * wg
-        # The x ring (or the epilogue tile, if larger) plus 1 KiB to align it to 1024 bytes.
-        smem = max(stages * bm * 128, bm * (128 * wg + 16)) + 1024
-        kernel = self._kernel("wgmma", ["x", "weight", "scales"], "out",
-                              key=f"wgmma_{bm}_{wg}_{stages}", shared_memory=smem,
+        kernel = self._kernel("wgmma", ["x", "weight", "scales"], ["out", "maps"],
+                              key=f"wgmma_{bm}_{wg}_{stages}",
+                              shared_memory=wgmma_shared_memory(bm, wg, stages),
                               headers=("bonsai_wgmma.cuh",),
                               header=_register_cap(threads * wgmma_blocks_per_sm(bm)))
+        grid = (math.ceil(n / (64 * wg)), math.ceil(m / bm))
         launch = self._launch(
             kernel,
             [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("BM", bm), ("WG", wg),
              ("STAGES", stages)],
-            (math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1), threads, out, dtype,
-            init_value)
+            (grid[0] * threads, grid[1], 1), threads, out, dtype, init_value,
+            scratch=(grid[0] * grid[1] + 1) * 128)  # a tensor map per block, 128-byte aligned
         if not ternary:
             return launch
         fields = self.fields(n, k)  # base-3 bytes -> 2-bit digits laid out per lane
@@ -292,7 +306,7 @@ class KernelSet:
     def fields(self, n: int, k: int) -> Callable[[mx.array], mx.array]:
         """Ternary rows [n, k/128*26] (uint8) -> uint32 [n, k/16]: every weight's base-3 digit
         in 2 bits, where the wgmma lane that decodes it reads it (metal/packed_fields.cu)."""
-        return self._launch(self._kernel("fields", ["weight"], "fields"), [],
+        return self._launch(self._kernel("fields", ["weight"], ["fields"]), [],
                             (n * k // GROUP_SIZE, 1, 1), _DECODE_THREADS, (n, k // 16),
                             mx.uint32, None)
 
@@ -300,7 +314,7 @@ class KernelSet:
              init_value: float | None, variant: tuple[int], out: tuple) -> Launch:
         (mr,) = variant
         return self._launch(
-            self._kernel("gemv", ["x", "weight", "scales"], "out"),
+            self._kernel("gemv", ["x", "weight", "scales"], ["out"]),
             [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("MR", mr),
              ("ROWS", _GEMV_ROWS)],
             (math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1), 128, out, dtype, init_value)
@@ -313,7 +327,7 @@ class KernelSet:
         write nothing)."""
         threads = math.ceil(n * k // 16 / _DECODE_THREADS) * _DECODE_THREADS
         return self._launch(
-            self._kernel("decode", ["weight", "scales"], "dense"),
+            self._kernel("decode", ["weight", "scales"], ["dense"]),
             [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary)], (threads, 1, 1),
             _DECODE_THREADS, (n, k), dtype, init_value)
 
@@ -578,12 +592,16 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     kx, kw = mx.random.split(mx.random.key(1))
     x = mx.random.normal((rows, k), key=kx).astype(dtype)
     weight, scales = random_packed(kind, n, k, scale_dtype, key=kw)
+    # x [M, K] and [1, M, K]: the kernels read both ranks themselves (KernelSet.launcher). The
+    # wgmma kernel takes x 2 bytes off 16-byte alignment (a view) through another loop.
+    xs = [x, x[None]]
+    if strategy == "wgmma":
+        xs.append(mx.concatenate([x.reshape(-1)[:1], x.reshape(-1)])[1:].reshape(x.shape))
     try:
-        # x [M, K] and [1, M, K]: the kernels read both ranks themselves (KernelSet.launcher).
         ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
         err = max(relative_error(ks.run(strategy, xr, weight, scales, kind, init_value=math.nan,
                                         variant=variant or None).reshape(ref.shape), ref)
-                  for xr in (x, x[None]))
+                  for xr in xs)
         reason = f"relative error {err:.3g} > {SELF_CHECK_TOLERANCE}"
         ok = err <= SELF_CHECK_TOLERANCE  # False for NaN
     except Exception as e:  # a kernel that does not build or launch: same fallback

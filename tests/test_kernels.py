@@ -400,15 +400,20 @@ class FakeCudaFactory:
         def launch(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                    init_value=None):
             template = dict(template)
+            assert len(output_shapes) == len(output_dtypes) == len(output_names)
             self.launches.append((name, template, grid, threadgroup, tuple(output_shapes[0]),
-                                  output_dtypes[0]))
+                                  output_dtypes[0], [tuple(s) for s in output_shapes[1:]],
+                                  output_dtypes[1:]))
+            extra = [mx.zeros(s, d)
+                     for s, d in zip(output_shapes[1:], output_dtypes[1:], strict=True)]
             if name == "bonsai_fields":
                 return [fields_of(inputs[0])]
             if name == "bonsai_wgmma" and template["TERNARY"]:
                 x, fields, scales = inputs
                 dense = unfields(fields) * mx.repeat(scales.astype(mx.float32), 128, axis=1)
-                return [(x.astype(mx.float32) @ dense.T).astype(output_dtypes[0])]
-            return [correct_answer(name, inputs, template, output_shapes[0], output_dtypes[0])]
+                return [(x.astype(mx.float32) @ dense.T).astype(output_dtypes[0])] + extra
+            return [correct_answer(name, inputs, template, output_shapes[0],
+                                   output_dtypes[0])] + extra
 
         return launch
 
@@ -463,10 +468,15 @@ def test_wgmma_launch(fake_hopper, kind, m, n, tile):
     assert launch[0] == "bonsai_wgmma" and launch[4] == (m, n)
     assert launch[1] == dict(T=mx.bfloat16, S=mx.bfloat16, TERNARY=kind == "ternary", BM=bm,
                              WG=wg, STAGES=stages)
-    assert launch[2] == (math.ceil(n / (64 * wg)) * threads, math.ceil(m / bm), 1)
+    blocks = (math.ceil(n / (64 * wg)), math.ceil(m / bm))
+    assert launch[2] == (blocks[0] * threads, blocks[1], 1)
     assert launch[3] == (threads, 1, 1)
-    # The x ring (or the epilogue tile) plus the 1 KiB alignment slack.
-    smem = max(stages * bm * 128, bm * (threads + 16)) + 1024
+    # Scratch for each block's tensor map of x (128 bytes), plus 128 to align them.
+    assert launch[6:] == ([((blocks[0] * blocks[1] + 1) * 128,)], [mx.uint8])
+    # The x ring (or the epilogue tile) in whole 128 bytes, the tensor map, an mbarrier a slot,
+    # and the 1 KiB alignment slack.
+    ring = max(stages * bm * 128, bm * (threads + 16))
+    smem = math.ceil(ring / 128) * 128 + 128 + 8 * stages + 1024
     assert ("bonsai_wgmma", smem) in fake_hopper.built
     # Two blocks per SM for 128 rows of x (65536 / 512 registers a thread), else one (65536 /
     # threads, at most 255, in multiples of 8).
