@@ -85,17 +85,13 @@ _DECODE_THREADS = 256
 # Apple GPU here); there MLX's matmul runs at bf16 speed and decoding a layer costs about one
 # weight write, so large M goes to scratch; call tune() on the Mac to measure instead.
 _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
-# On Hopper GPUs the wgmma GEMM takes over the rows given here, per kind (from, up to). Whole
+# On Hopper GPUs the wgmma GEMM takes every call from the rows given here on, per kind. Whole
 # steps decide (BENCHMARKS.md). Ternary (base-3 -> digit words per call, then the GEMM) beats the
-# portable GEMM from 512 rows. The single blocks' 1536-row calls of a 512^2 step went to scratch
-# until the 192 x 192 tiles (session 12, H100): with them wgmma won call by call at the model's
-# 1536-row shapes for binary weights (by 2-9%, medians of three rounds), and moving those calls to
-# it left the step's time as it was (binary: eager 0-0.5% slower, loop 1.3% faster; ternary
-# 0.6-2% slower) while the step's peak above the weights fell from 11.1 to 6.2 GB (binary, the
-# dense step's) and from 11.5 to 7.2 GB (ternary): scratch holds every decoded layer of a lazily
-# built step until the GPU has run it. From 2048 rows scratch stays (per call 1.03-1.13x bf16 at
-# 4608 rows, wgmma 1.11-1.29x).
-_WGMMA_ROWS = {"binary": (1, 2048), "ternary": (512, 2048)}
+# portable GEMM from 512 rows. With x fed by the TMA (session 22, H100) it also beat scratch at
+# every 4608-row shape of the model (by 3-15% a call), and a 1024^2 step with its 4608-row calls
+# on wgmma instead of scratch took 1.6-3.1% less time with 1.1-1.3 GB less peak memory: scratch
+# holds every decoded layer of a lazily built step until the GPU has run it.
+_WGMMA_FROM = {"binary": 1, "ternary": 512}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. 128-row blocks run two per SM (128 registers a thread), larger ones one (255
 # for 256 threads, 168 for 384: wgmma_blocks_per_sm). Below WGMMA_WIDE_FROM rows of x, 128-row
@@ -455,14 +451,13 @@ def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
 
 
 def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
-    """The strategy an untuned shape gets (see _THRESHOLDS, _WGMMA_ROWS and fused_only)."""
+    """The strategy an untuned shape gets (see _THRESHOLDS, _WGMMA_FROM and fused_only)."""
     gemv_max, scratch_min = _THRESHOLDS[backend]
     ks = kernel_set(backend)
     if m <= gemv_max:
         return "gemv"
-    low, high = _WGMMA_ROWS[kind]
     wgmma, gemm = ks.supports("wgmma", dtype), ks.supports("gemm", dtype)
-    if wgmma and low <= m < high:
+    if wgmma and m >= _WGMMA_FROM[kind]:
         return "wgmma"
     if gemm and m < scratch_min:
         return "gemm"

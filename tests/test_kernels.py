@@ -434,12 +434,13 @@ def fake_hopper(monkeypatch):
 @pytest.mark.parametrize("kind, m, dtype, strategy, fused", [
     ("binary", 3, mx.bfloat16, "gemv", "gemv"), ("binary", 70, mx.bfloat16, "wgmma", "wgmma"),
     ("binary", 1536, mx.float16, "wgmma", "wgmma"),
-    ("binary", 2048, mx.bfloat16, "scratch", "wgmma"),
+    ("binary", 2048, mx.bfloat16, "wgmma", "wgmma"),
+    ("binary", 16384, mx.float16, "wgmma", "wgmma"),
     ("binary", 600, mx.float32, "scratch", "scratch"),
     ("ternary", 70, mx.bfloat16, "gemm", "gemm"), ("ternary", 511, mx.bfloat16, "gemm", "gemm"),
     ("ternary", 512, mx.bfloat16, "wgmma", "wgmma"),
     ("ternary", 2047, mx.float16, "wgmma", "wgmma"),
-    ("ternary", 2048, mx.bfloat16, "scratch", "wgmma"),
+    ("ternary", 4608, mx.bfloat16, "wgmma", "wgmma"),
     ("ternary", 600, mx.float32, "scratch", "scratch"),
 ])
 def test_hopper_defaults(fake_hopper, kind, m, dtype, strategy, fused):
