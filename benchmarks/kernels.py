@@ -90,7 +90,7 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra=((), ()),
     x, weight, scales = inputs(kind, m, n, k, dtype, scale_dtype, seed)
     ref = reference(x, weight, scales, kind)
     if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
-        x = mx.concatenate([mx.zeros((1,), dtype), x.reshape(-1)])[1:].reshape(m, k)
+        x = kernels.misaligned(x)
     errs = {}
     for s, (strategy, variant) in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":

@@ -64,7 +64,7 @@ const int row0 = n0 + (tid / 128) * 64 + (tid % 128) / 32 * 16 + g;
 // memory (tensormap.replace, sm_90a) and copies it to this block's 128 bytes of `maps`, where the
 // copy engine reads it; rows past M arrive as zeros. The TMA needs x 16-byte aligned; a
 // misaligned x (a view at an odd offset, rare) takes the same loop with every thread copying its
-// share of a stage by element loads (VEC false), arriving on the slot's mbarrier.
+// share of a stage by element loads (`vec` false), arriving on the slot's mbarrier.
 const uint32_t mapsm = smem0 + RING;
 const uint32_t bars = mapsm + 128;  // an mbarrier a slot: its stage landed
 auto full = [&](int stage) { return bars + 8u * uint32_t(stage % STAGES); };

@@ -555,6 +555,13 @@ def random_packed(kind: str, n: int, k: int, scale_dtype: mx.Dtype = mx.bfloat16
     return weight, scales
 
 
+def misaligned(x: mx.array) -> mx.array:
+    """x's values as a view one element past a 16-byte boundary: what the kernels' element-wise
+    paths (x not aligned for vector or TMA loads) run on (self-checks, benchmarks)."""
+    flat = mx.concatenate([mx.zeros((1,), x.dtype), x.reshape(-1)])
+    return flat[1:].reshape(x.shape)
+
+
 def relative_error(y: mx.array, ref: mx.array) -> float:
     """max |y - ref| / max |ref|, in float32; NaN anywhere in y gives NaN (never passes)."""
     y, ref = y.astype(mx.float32), ref.astype(mx.float32)
@@ -591,7 +598,7 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     # wgmma kernel takes x 2 bytes off 16-byte alignment (a view) through another loop.
     xs = [x, x[None]]
     if strategy == "wgmma":
-        xs.append(mx.concatenate([x.reshape(-1)[:1], x.reshape(-1)])[1:].reshape(x.shape))
+        xs.append(misaligned(x))
     try:
         ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
         err = max(relative_error(ks.run(strategy, xr, weight, scales, kind, init_value=math.nan,
