@@ -112,6 +112,21 @@ __device__ __forceinline__ void bonsai_load16<float>(const float* src, float* ou
   }
 }
 
+// Codes of run `run` (0-3) of a 64-input stage of ternary digit words (packed_fields.cu's
+// layout, w0..w3 the stage's four words): input j of the run is the 2-bit digit at bit
+// 16 (run / 2) + 2 (run % 2) + 4 (j % 2 + 2 (j / 8)) of word (j % 8) / 2; code = digit - 1.
+__device__ __forceinline__ BonsaiCodes16 bonsai_words_codes16(uint4 stage, int run) {
+  const uint32_t w[4] = {stage.x, stage.y, stage.z, stage.w};
+  const int base = 16 * (run / 2) + 2 * (run % 2);
+  BonsaiCodes16 out;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t digit = (w[(j % 8) / 2] >> (base + 4 * (j % 2 + 2 * (j / 8)))) & 3u;
+    out.c[j] = float(int(digit) - 1);
+  }
+  return out;
+}
+
 // Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8.
 __device__ __forceinline__ void bonsai_ldmatrix_x4(uint32_t* r, const void* smem_row) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));

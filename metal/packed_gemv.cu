@@ -1,9 +1,11 @@
 // CUDA twin of packed_gemv.metal for mx.fast.cuda_kernel: same ownership (a block of 4 warps
 // streams ROWS W rows once; thread t takes the 16-input runs t, t + 128, ... of binary rows, the
 // byte pairs t, t + 128, ... of ternary ones), same decode and edge rules; warp shuffles stand in
-// for simd_sum, and binary rows read x with 16-byte loads. MLX generates the signature (x,
-// x_shape, x_ndim, weight, weight_shape, scales, out; x [M, K] or [B, L, K], M = B * L) and
-// defines template T, S, TERNARY, MR, ROWS as constants.
+// for simd_sum, and binary rows read x with 16-byte loads. CUDA only: ternary weights held as
+// digit words (WORDS; kernels.ternary_words) take the binary rows' loop, a run's codes read from
+// its stage's four words. MLX generates the signature (x, x_shape, x_ndim, weight, weight_shape,
+// scales, out; x [M, K] or [B, L, K], M = B * L) and defines template T, S, TERNARY, MR, ROWS,
+// WORDS as constants.
 //   grid (ceil(N / ROWS) * 128, ceil(M / MR), 1), threadgroup (128, 1, 1)
 
 __shared__ float partial[4 * ROWS * MR];
@@ -29,7 +31,7 @@ for (int r = 0; r < ROWS; ++r) {
   }
 }
 
-if (TERNARY) {
+if (TERNARY && !WORDS) {
   // Byte pairs (bonsai_decode.h) put every digit at a fixed position. sum_j (t_j - 1) x_j =
   // sum_j t_j x_j - sum_j x_j, the second sum shared by the ROWS rows.
   const uint8_t* wbytes = reinterpret_cast<const uint8_t*>(weight);
@@ -91,8 +93,15 @@ if (TERNARY) {
       const int n = n0 + r;
       if (n < N) {
         const float scale = float(scales[size_t(n) * size_t(groups) + size_t(k / BONSAI_GROUP)]);
-        const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
-        const BonsaiCodes16 codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+        BonsaiCodes16 codes;
+        if (WORDS) {  // 4 words a stage of 64 inputs, 16-byte aligned (K % 128 == 0)
+          const uint4 stage = reinterpret_cast<const uint4*>(weight)[size_t(n) * size_t(K / 64) +
+                                                                     size_t(k / 64)];
+          codes = bonsai_words_codes16(stage, (k / 16) % 4);
+        } else {
+          const uint32_t word = uint32_t(weight[size_t(n) * size_t(K / 32) + size_t(k / 32)]);
+          codes = bonsai_binary_codes16(bonsai_binary_bits16(word, k));
+        }
 #pragma unroll
         for (int m = 0; m < MR; ++m) {
           float dot = 0.0f;

@@ -13,8 +13,9 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
 - "wgmma":   Hopper GPUs (CUDA, compute capability 9.x) only: a GEMM around warpgroup MMA that
              decodes each thread's weights straight into the MMA's register operand, with x
              streamed through a ring of 128B-swizzled shared-memory stages by the tensor memory
-             accelerator (metal/packed_wgmma.cu; ternary weights first become per-lane digit
-             words per call, metal/packed_fields.cu). No Metal twin: Apple GPUs have no such
+             accelerator (metal/packed_wgmma.cu). Ternary weights reach it as per-lane digit
+             words (metal/packed_fields.cu): held so since loading (`ternary_words`, below), or
+             made from base-3 bytes per call. No Metal twin: Apple GPUs have no such
              instruction.
 - "scratch": decode W to a dense copy in one pass and use MLX's own matmul
              (metal/packed_decode.*). The copy lives until the GPU has run the call; decoding
@@ -23,6 +24,12 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
              pipeline) avoids this strategy where a fused kernel can run the shape.
 - "reference": `mlx_bonsai.quant.unpack_*` + matmul. The CPU path, the forced path
              (MLX_BONSAI_KERNELS=reference) and the fallback.
+
+Ternary digit words: on Hopper GPUs the model holds ternary layers as 2-bit digit words instead
+of base-3 bytes (`holds_ternary_words`; `quant.use_device_layout` converts them once at load), 32
+bytes a group of 128 instead of 26, because making them per call cost 2.5-11% of every ternary
+call (BENCHMARKS.md). The CUDA GEMV and the wgmma kernel take them (`WORDS_STRATEGIES`); the
+reference unpacks them (`unpack_ternary_words`).
 
 The strategy is picked per (M, N, K): `tune()` measures on this GPU; untuned shapes use
 `default_strategy` (measured on an H100 and an H200 for CUDA, see BENCHMARKS.md; for Metal
@@ -64,12 +71,22 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import BonsaiError, ConfigError, WeightsError
-from .packing import GROUP_SIZE, TERNARY_GROUP_BYTES, TRITS_PER_BYTE
+from .packing import (
+    GROUP_SIZE,
+    TERNARY_GROUP_BYTES,
+    TRITS_PER_BYTE,
+    WORD_OF,
+    WORD_SHIFT,
+    pack_trit_words,
+    unpack_trits,
+)
 
 KINDS = ("binary", "ternary")
 STRATEGIES = ("gemv", "gemm", "wgmma", "scratch")
+WORDS_STRATEGIES = ("gemv", "wgmma")  # the CUDA kernels that take ternary digit words
 ENV_VAR = "MLX_BONSAI_KERNELS"
 SOURCE_DIR = Path(__file__).resolve().parent / "metal"
 
@@ -90,8 +107,12 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # portable GEMM from 512 rows. With x fed by the TMA (session 22, H100) it also beat scratch at
 # every 4608-row shape of the model (by 3-15% a call), and a 1024^2 step with its 4608-row calls
 # on wgmma instead of scratch took 1.6-3.1% less time with 1.1-1.3 GB less peak memory: scratch
-# holds every decoded layer of a lazily built step until the GPU has run it.
-_WGMMA_FROM = {"binary": 1, "ternary": 512}
+# holds every decoded layer of a lazily built step until the GPU has run it. Ternary digit words
+# held since loading ("words", no per-call pass) take it from the first row past the GEMV, as
+# binary does (session 23, H100, 64 rows: 0.85-0.94x bf16 at K = 3072, 1.6-2.0x at 9216 and 12288,
+# where scratch on bytes took 1.4-1.8x; the portable GEMM on bytes 1.9-6.0x. The model's packed
+# calls all have 512 rows or more).
+_WGMMA_FROM = {"binary": 1, "ternary": 512, "words": 1}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
 # STAGES x stages. 128-row blocks run two per SM (128 registers a thread), larger ones one (255
 # for 256 threads, 168 for 384: wgmma_blocks_per_sm). Below WGMMA_WIDE_FROM rows of x, 128-row
@@ -279,7 +300,8 @@ class KernelSet:
             (math.ceil(n / bm) * threads, math.ceil(m / bm), 1), threads, out, dtype, init_value)
 
     def wgmma(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
-              init_value: float | None, variant: tuple[int, int, int], out: tuple) -> Launch:
+              init_value: float | None, variant: tuple[int, int, int], out: tuple,
+              words: bool = False) -> Launch:
         bm, wg, stages = variant
         threads = 128 * wg
         kernel = self._kernel("wgmma", ["x", "weight", "scales"], ["out", "maps"],
@@ -294,9 +316,9 @@ class KernelSet:
              ("STAGES", stages)],
             (grid[0] * threads, grid[1], 1), threads, out, dtype, init_value,
             scratch=(grid[0] * grid[1] + 1) * 128)  # a tensor map per block, 128-byte aligned
-        if not ternary:
+        if not ternary or words:
             return launch
-        fields = self.fields(n, k)  # base-3 bytes -> 2-bit digits laid out per lane
+        fields = self.fields(n, k)  # base-3 bytes -> digit words, per call
         return lambda x, weight, scales: launch(x, fields(weight), scales)
 
     def fields(self, n: int, k: int) -> Callable[[mx.array], mx.array]:
@@ -307,12 +329,15 @@ class KernelSet:
                             mx.uint32, None)
 
     def gemv(self, m: int, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
-             init_value: float | None, variant: tuple[int], out: tuple) -> Launch:
+             init_value: float | None, variant: tuple[int], out: tuple,
+             words: bool = False) -> Launch:
         (mr,) = variant
+        template = [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("MR", mr),
+                    ("ROWS", _GEMV_ROWS)]
+        if self.backend == "cuda":  # ternary digit words: CUDA only
+            template.append(("WORDS", words))
         return self._launch(
-            self._kernel("gemv", ["x", "weight", "scales"], ["out"]),
-            [("T", dtype), ("S", scale_dtype), ("TERNARY", ternary), ("MR", mr),
-             ("ROWS", _GEMV_ROWS)],
+            self._kernel("gemv", ["x", "weight", "scales"], ["out"]), template,
             (math.ceil(n / _GEMV_ROWS) * 128, math.ceil(m / mr), 1), 128, out, dtype, init_value)
 
     def decode(self, n: int, k: int, dtype: mx.Dtype, scale_dtype: mx.Dtype, ternary: bool,
@@ -338,15 +363,21 @@ class KernelSet:
 
     def launcher(self, strategy: str, m: int, n: int, k: int, dtype: mx.Dtype,
                  scale_dtype: mx.Dtype, kind: str, init_value: float | None = None,
-                 variant: tuple | None = None, lead: tuple[int, ...] | None = None) -> Launch:
+                 variant: tuple | None = None, lead: tuple[int, ...] | None = None,
+                 words: bool = False) -> Launch:
         """(x [m, k] of `dtype`, weight, scales) -> x @ W^T by `strategy`: the kernel, its
         template and grid are decided here, once per shape, so that a call is the launch alone
         (packed_matmul keeps one per shape). `variant` (see variant()) defaults to the one this
         shape gets. `lead`: x's dimensions but the last (their product m) for x of another rank
         than 2. The kernels read x [M, K] and [B, L, K] as they are: a reshape on each side of
         the call would be two graph nodes, ~1.5 us each to evaluate on CUDA (H100), ~80 calls
-        a step; other ranks go through [m, k]."""
+        a step; other ranks go through [m, k]. `words`: the weight is ternary digit words
+        (CUDA gemv and wgmma only)."""
         ternary = kind == "ternary"
+        if words and (self.backend != "cuda" or strategy not in WORDS_STRATEGIES):
+            raise BonsaiError(f"ternary digit words run on the CUDA "
+                              f"{' and '.join(WORDS_STRATEGIES)} kernels only, not the "
+                              f"{self.backend} {strategy} one")
         lead = (m,) if lead is None else tuple(lead)
         if math.prod(lead) != m:
             raise ValueError(f"lead {lead} does not hold {m} rows")
@@ -358,7 +389,8 @@ class KernelSet:
         shape = (*lead, n)
         direct = len(lead) in (1, 2)
         launch = getattr(self, strategy)(m, n, k, dtype, scale_dtype, ternary, init_value,
-                                          variant, shape if direct else (m, n))
+                                          variant, shape if direct else (m, n),
+                                          **({"words": True} if words else {}))
         if direct:
             return launch
         return lambda x, weight, scales: launch(x.reshape(m, k), weight, scales).reshape(shape)
@@ -368,7 +400,8 @@ class KernelSet:
         """x [..., K] @ W^T with one strategy (a launcher used once)."""
         k, n = x.shape[-1], weight.shape[0]
         return self.launcher(strategy, math.prod(x.shape[:-1]), n, k, x.dtype, scales.dtype,
-                             kind, init_value, variant, x.shape[:-1])(x, weight, scales)
+                             kind, init_value, variant, x.shape[:-1],
+                             is_ternary_words(kind, weight))(x, weight, scales)
 
 
 _KERNEL_SETS: dict[tuple[str, Any], KernelSet] = {}
@@ -412,6 +445,8 @@ def _check_inputs(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
     n = weight.shape[0] if weight.ndim == 2 else -1
     if kind == "binary":
         want, want_dtype = (n, k // 32), mx.uint32
+    elif weight.dtype == mx.uint32:  # digit words (ternary_words)
+        want, want_dtype = (n, k // 16), mx.uint32
     else:
         want, want_dtype = (n, k // GROUP_SIZE * TERNARY_GROUP_BYTES), mx.uint8
     if weight.ndim != 2 or tuple(weight.shape) != want or weight.dtype != want_dtype:
@@ -442,23 +477,46 @@ def unpack_ternary(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.ar
     return w.reshape(n_out, -1)
 
 
+def unpack_ternary_words(weight: mx.array, scales: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Ternary digit words [out, in/16] -> dense [out, in] in `dtype` (packing.WORD_OF and
+    WORD_SHIFT place each input's digit t; w = s*(t-1))."""
+    n_out, n_groups = scales.shape
+    words = weight.reshape(n_out, -1, 4)[..., mx.array(WORD_OF.reshape(-1))]
+    shifts = mx.array(WORD_SHIFT.reshape(-1), dtype=mx.uint32)
+    t = ((words >> shifts) & 3).reshape(n_out, n_groups, GROUP_SIZE)
+    w = (t.astype(dtype) - 1) * scales.astype(dtype)[..., None]
+    return w.reshape(n_out, -1)
+
+
+def is_ternary_words(kind: str, weight: mx.array) -> bool:
+    """Whether `weight` holds ternary digit words (uint32), not base-3 bytes (uint8)."""
+    return kind == "ternary" and weight.dtype == mx.uint32
+
+
 def reference_matmul(x: mx.array, weight: mx.array, scales: mx.array, kind: str,
                      group_size: int = GROUP_SIZE) -> mx.array:
     """The pure-MLX path: unpack W to dense in x's dtype, then x @ W^T."""
     _check_inputs(x, weight, scales, kind, group_size)
-    unpack = unpack_binary if kind == "binary" else unpack_ternary
+    if kind == "binary":
+        unpack = unpack_binary
+    else:
+        unpack = unpack_ternary_words if is_ternary_words(kind, weight) else unpack_ternary
     return x @ unpack(weight, scales, x.dtype).T
 
 
-def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
-    """The strategy an untuned shape gets (see _THRESHOLDS, _WGMMA_FROM and fused_only)."""
+def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype,
+                     words: bool = False) -> str:
+    """The strategy an untuned shape gets (see _THRESHOLDS, _WGMMA_FROM and fused_only);
+    `words`: ternary digit words, which only the GEMV and wgmma take (the GEMV any dtype)."""
     gemv_max, scratch_min = _THRESHOLDS[backend]
     ks = kernel_set(backend)
     if m <= gemv_max:
         return "gemv"
     wgmma, gemm = ks.supports("wgmma", dtype), ks.supports("gemm", dtype)
-    if wgmma and m >= _WGMMA_FROM[kind]:
+    if wgmma and m >= _WGMMA_FROM["words" if words else kind]:
         return "wgmma"
+    if words:  # float32 x: no wgmma kernel
+        return "gemv"
     if gemm and m < scratch_min:
         return "gemm"
     if _FUSED_ONLY.get() and (wgmma or gemm):
@@ -466,13 +524,16 @@ def default_strategy(backend: str, kind: str, m: int, dtype: mx.Dtype) -> str:
     return "scratch"
 
 
-def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.Dtype) -> str:
+def choose_strategy(backend: str, kind: str, m: int, n: int, k: int, dtype: mx.Dtype,
+                    words: bool = False) -> str:
     """The measured winner for this shape if tune() ran for it (unless it is scratch inside
-    fused_only()), else the default."""
+    fused_only(), or a strategy that cannot take ternary digit words for `words`), else the
+    default."""
     tuned = _TUNED.get((backend, kind, dtype, m, n, k))
-    if tuned and not (tuned == "scratch" and _FUSED_ONLY.get()):
+    if (tuned and not (tuned == "scratch" and _FUSED_ONLY.get())
+            and not (words and tuned not in WORDS_STRATEGIES)):
         return tuned
-    return default_strategy(backend, kind, m, dtype)
+    return default_strategy(backend, kind, m, dtype, words)
 
 
 @functools.cache
@@ -514,11 +575,12 @@ def _run_backend(backend: str, x: mx.array, weight: mx.array, scales: mx.array, 
     n, k = _check_inputs(x, weight, scales, kind, group_size)
     ks = kernel_set(backend, factory)
     m = math.prod(x.shape[:-1])
-    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
+    words = is_ternary_words(kind, weight)
+    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype, words)
     if not ks.supports(strategy, x.dtype):
         raise BonsaiError(f"the {backend} {strategy} kernel does not take {x.dtype} activations")
     launch = ks.launcher(strategy, m, n, k, x.dtype, scales.dtype, kind, init_value,
-                         lead=x.shape[:-1])
+                         lead=x.shape[:-1], words=words)
     return launch(x, weight, scales)
 
 
@@ -574,11 +636,18 @@ SELF_CHECK_TOLERANCE = 1e-2
 _CHECKED: dict[tuple, bool] = {}
 
 
+def _words_of(weight: mx.array) -> mx.array:
+    """Ternary digit words of base-3 rows, made on the CPU (NumPy): what the checks compare
+    the GPU's pass with and feed the kernels."""
+    return mx.array(pack_trit_words(unpack_trits(np.array(weight))))
+
+
 def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_dtype: mx.Dtype,
-                variant: tuple, stacklevel: int = 3) -> bool:
-    """Run the kernel `variant` (see KernelSet.variant) on small random data; warn once on
-    failure (the warning points `stacklevel` frames up)."""
-    key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant)
+                variant: tuple, stacklevel: int = 3, words: bool = False) -> bool:
+    """Run the kernel `variant` (see KernelSet.variant) on small random data, ternary weights
+    as digit words if `words`; warn once on failure (the warning points `stacklevel` frames
+    up)."""
+    key = (ks.backend, ks.factory, strategy, kind, dtype, scale_dtype, variant, words)
     if key in _CHECKED:
         return _CHECKED[key]
     # Shapes that cross every tile edge: ragged M (a second, partial pass or tile), ragged N
@@ -601,7 +670,8 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
         xs.append(misaligned(x))
     try:
         ref = reference_matmul(x.astype(mx.float32), weight, scales, kind)
-        err = max(relative_error(ks.run(strategy, xr, weight, scales, kind, init_value=math.nan,
+        packed = _words_of(weight) if words else weight
+        err = max(relative_error(ks.run(strategy, xr, packed, scales, kind, init_value=math.nan,
                                         variant=variant or None).reshape(ref.shape), ref)
                   for xr in xs)
         reason = f"relative error {err:.3g} > {SELF_CHECK_TOLERANCE}"
@@ -609,9 +679,11 @@ def _self_check(ks: KernelSet, strategy: str, kind: str, dtype: mx.Dtype, scale_
     except Exception as e:  # a kernel that does not build or launch: same fallback
         ok, reason = False, f"{type(e).__name__}: {e}"
     if not ok:
+        held = " (digit words)" if words else ""
         warnings.warn(
-            f"mlx_bonsai: the {ks.backend} '{strategy}' kernel for {kind} weights and {dtype} "
-            f"activations failed its self-check ({reason}); using the reference path instead",
+            f"mlx_bonsai: the {ks.backend} '{strategy}' kernel for {kind} weights{held} and "
+            f"{dtype} activations failed its self-check ({reason}); using the reference path "
+            "instead",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -656,19 +728,70 @@ def _plan(x: mx.array, weight: mx.array, scales: mx.array, kind: str, group_size
     if mode == "reference" or backend is None:
         return reference
     m = math.prod(x.shape[:-1])
+    words = is_ternary_words(kind, weight)
     strategy = strategy or (None if mode == "auto" else mode)
-    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype)
+    strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype, words)
     if strategy not in STRATEGIES:
         raise BonsaiError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    if words and (backend != "cuda" or strategy not in WORDS_STRATEGIES):
+        raise ConfigError(f"ternary weights held as digit words run on the CUDA "
+                          f"{' and '.join(WORDS_STRATEGIES)} kernels only, not {backend} "
+                          f"{strategy}; set {ENV_VAR} before loading the model")
     ks = kernel_set(backend)
     if not ks.supports(strategy, x.dtype):
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
     variant = ks.variant(strategy, m, n)  # once: the self-check and the launch both need it
-    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, variant, stacklevel=4):
+    if not _self_check(ks, strategy, kind, x.dtype, scales.dtype, variant, stacklevel=4,
+                       words=words):
         return reference
     return ks.launcher(strategy, m, n, k, x.dtype, scales.dtype, kind, variant=variant,
-                       lead=x.shape[:-1])
+                       lead=x.shape[:-1], words=words)
+
+
+def _fields_check(ks: KernelSet) -> bool:
+    """Whether the GPU's base-3 -> digit words pass writes exactly the words of
+    packing.pack_trit_words (random rows, 3 groups; once per KernelSet; warns on failure)."""
+    key = (ks.backend, ks.factory, "fields")
+    if key not in _CHECKED:
+        weight, _ = random_packed("ternary", 202, 3 * GROUP_SIZE, key=mx.random.key(4))
+        try:
+            got = ks.fields(202, 3 * GROUP_SIZE)(weight)
+            ok = bool(mx.array_equal(got, _words_of(weight)).item())
+            reason = "words differ"
+        except Exception as e:
+            ok, reason = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            warnings.warn(f"mlx_bonsai: the {ks.backend} pass that makes ternary digit words "
+                          f"failed its self-check ({reason}); ternary layers stay base-3 bytes",
+                          RuntimeWarning, stacklevel=4)
+        _CHECKED[key] = ok
+    return _CHECKED[key]
+
+
+def holds_ternary_words(dtype: mx.Dtype) -> bool:
+    """Whether ternary layers computing in `dtype` are best held as digit words on this device.
+
+    Yes on Hopper GPUs in the default mode (or MLX_BONSAI_KERNELS=wgmma), for bf16 and fp16:
+    making the words from the base-3 bytes in every call cost 2.5-11% of a ternary call on an
+    H100 (BENCHMARKS.md); held, they take 32 bytes a group of 128 instead of 26 (+23% of the
+    ternary weights' bytes). Elsewhere no: the Metal kernels and the other CUDA ones read
+    base-3 bytes, and float32 has no wgmma kernel.
+    """
+    if _device_backend() != "cuda" or _mode() not in ("auto", "wgmma"):
+        return False
+    ks = kernel_set("cuda")
+    return ks.supports("wgmma", dtype) and _fields_check(ks)
+
+
+def ternary_words(weight: mx.array) -> mx.array:
+    """Ternary base-3 rows [n, k/128*26] (uint8) -> digit words [n, k/16] (uint32), by the CUDA
+    pass (metal/packed_fields.cu); lazy, like any MLX op."""
+    if weight.ndim != 2 or weight.dtype != mx.uint8 or weight.shape[1] % TERNARY_GROUP_BYTES:
+        raise WeightsError(f"ternary weight must be uint8 [N, K/128*26], got {weight.dtype} "
+                           f"{tuple(weight.shape)}")
+    n, k = weight.shape[0], weight.shape[1] // TERNARY_GROUP_BYTES * GROUP_SIZE
+    return kernel_set("cuda").fields(n, k)(weight)
 
 
 def time_call(fn: Callable[[], mx.array], warmup: int = 3, repeats: int = 5,

@@ -6,6 +6,8 @@ inputs. It is used by the converter and by the tests; the runtime unpack lives i
 - `pack_bits` / `unpack_bits`: LSB-first codes in uint32 words (MLX affine layout; with bits=1
   this is the bonsai binary layout).
 - `pack_trits` / `unpack_trits`: base-3 bytes, 5 trits a byte, 26 bytes a group (bonsai ternary).
+- `pack_trit_words` / `unpack_trit_words`: ternary digit words, 2 bits a trit, the layout that
+  ternary layers are held in on Hopper GPUs (never on disk; `kernels.ternary_words`).
 - `fit_binary` / `fit_ternary`: the least-squares optimal codes and scale of each group.
 - `quantize_binary` / `quantize_ternary`: dense weights -> (packed weight, scales).
 - `repack_affine`: PrismML's MLX affine packs -> bonsai-packed, exactly, after checking that the
@@ -74,6 +76,32 @@ def unpack_trits(packed: np.ndarray) -> np.ndarray:
     t = (b // _TRIT_POWERS) % 3
     t = t.reshape(rows, -1, TERNARY_GROUP_BYTES * TRITS_PER_BYTE)[..., :GROUP_SIZE]
     return t.reshape(rows, -1).astype(np.uint8)
+
+
+# Ternary digit words (metal/packed_fields.cu makes them on the GPU): per stage of 64 inputs (4
+# runs of 16) a row has 4 uint32; input `at` of run r is trit t (code t - 1) in the 2 bits at bit
+# WORD_SHIFT[r, at] of word WORD_OF[r, at]. Word w belongs to lane w of the wgmma kernel's
+# fragments: the inputs 2w, 2w + 1, 2w + 8, 2w + 9 of each run, in nibbles 0-3 of a half-word.
+_RUN, _AT = np.meshgrid(np.arange(4), np.arange(16), indexing="ij")
+WORD_OF = (_AT % 8) // 2
+WORD_SHIFT = 16 * (_RUN // 2) + 2 * (_RUN % 2) + 4 * (_AT % 2 + 2 * (_AT // 8))
+
+
+def pack_trit_words(trits: np.ndarray) -> np.ndarray:
+    """Trits [rows, in] in {0,1,2} (in a multiple of 64) -> uint32 digit words [rows, in/16]."""
+    rows = trits.shape[0]
+    t = trits.astype(np.uint32).reshape(rows, -1, 4, 16)
+    words = np.zeros((rows, t.shape[1], 4), np.uint32)
+    for r, at in np.ndindex(4, 16):
+        words[..., WORD_OF[r, at]] |= t[..., r, at] << np.uint32(WORD_SHIFT[r, at])
+    return words.reshape(rows, -1)
+
+
+def unpack_trit_words(words: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_trit_words`: uint32 [rows, in/16] -> trits uint8 [rows, in]."""
+    w = words.astype(np.uint32).reshape(words.shape[0], -1, 4)
+    trits = (w[..., WORD_OF] >> WORD_SHIFT.astype(np.uint32)) & 3  # [rows, stages, 4, 16]
+    return trits.reshape(words.shape[0], -1).astype(np.uint8)
 
 
 def fit_binary(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,8 @@ what its checkpoint tensors are, then `weights.load_into` loads them strictly. S
   w = scale*q + bias, run by `mx.quantized_matmul`. Where the backend has no 1-bit kernel, 1-bit
   layers are re-expanded into 2-bit codes at load (same scale and bias, so exactly the same w).
 - binary / ternary: bonsai-packed v1 (docs/format.md), uint32 / uint8 `weight` plus `scales`.
+  After loading, `use_device_layout` may hold ternary weights as uint32 digit words instead
+  (Hopper GPUs, where the kernels run from those; `kernels.holds_ternary_words`).
 
 Every non-dense forward goes through `packed_matmul`, the one place a fast kernel plugs in.
 Scales stay in their stored dtype; each matmul computes in the activation dtype.
@@ -221,6 +223,18 @@ def _storage_of(
     if weight.shape[1] != words:
         raise ValueError(f"{storage} weight {tuple(weight.shape)} should be ({n_out}, {words})")
     return storage, None, group_size
+
+
+def use_device_layout(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Hold every ternary layer of `model` as digit words where this device's kernels want them
+    for activations of `dtype` (`kernels.holds_ternary_words`); elsewhere nothing changes. The
+    conversion is lazy: each base-3 weight is freed once its words are evaluated."""
+    if not kernels.holds_ternary_words(dtype):
+        return
+    for _, layer in model.named_modules():
+        if isinstance(layer, Linear) and layer.storage == "ternary" and \
+                layer.weight.dtype == mx.uint8:
+            layer.weight = kernels.ternary_words(layer.weight)
 
 
 def match_storage(

@@ -551,10 +551,12 @@ def load_weights(
 ) -> None:
     """Checkpoint tensors into `model`: fuse (`sanitize`), pick each linear's storage
     (`quant.match_storage`), cast dense tensors to `dtype` (quantization scales keep their stored
-    dtype) and load strictly."""
+    dtype), load strictly, then lay packed weights out for this device
+    (`quant.use_device_layout`)."""
     weights = sanitize(weights, model.config.num_layers, where)
     weights = quant.match_storage(model, weights, where, quantization)
     load_into(model, cast_floats(weights, dtype, keep=(".scales", ".biases")), where)
+    quant.use_device_layout(model, dtype)
 
 
 def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Transformer:

@@ -19,9 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import fields_of
 
-from mlx_bonsai import kernels
+from mlx_bonsai import kernels, packing
 
 # What CUDA source needs to compile as host C++: device qualifiers, the 16-bit types (bit
 # patterns only), launch coordinates and MLX's shape parameter.
@@ -173,13 +172,15 @@ def test_wgmma_decode_equals_the_reference_unpack(decoder, kind):
 
 def test_ternary_pass_writes_the_documented_layout(decoder):
     """The words of metal/packed_fields.cu are those of its documented layout, which the
-    pretend Hopper GPU of tests/test_kernels.py also produces (conftest.fields_of)."""
+    reference (packing.pack_trit_words) and the checks on the GPU also produce."""
     n, k = 7, 5 * 128
     weight, scales = kernels.random_packed("ternary", n, k, key=mx.random.key(9))
-    assert np.array_equal(decoder("fields", weight, scales), np.array(fields_of(weight)))
+    trits = packing.unpack_trits(np.array(weight))
+    assert np.array_equal(decoder("fields", weight, scales), packing.pack_trit_words(trits))
 
 
-DECODE_HARNESS = PRELUDE + r"""
+# What bonsai_cuda.cuh needs besides PRELUDE.
+CUDA_SHIMS = r"""
 struct __nv_bfloat162 { uint16_t lo, hi; };
 struct __half2 { uint16_t lo, hi; };
 struct float4 { float x, y, z, w; };
@@ -195,6 +196,9 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 inline __half2 __floats2half2_rn(float, float) { return {0, 0}; }  // not instantiated
 inline uint32_t __cvta_generic_to_shared(const void*) { return 0; }
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+"""
+
+DECODE_HARNESS = PRELUDE + CUDA_SHIMS + r"""
 @HEADERS@
 template <typename T, typename S, bool TERNARY, typename P>
 static void decode_thread(const P* weight, const S* scales, Shape scales_shape, T* dense,
@@ -321,3 +325,39 @@ def test_wgmma_asm_names_each_operand_once_in_order():
         assert inputs == '"r"(a[0]),"r"(a[1]),"r"(a[2]),"r"(a[3]),"l"(desc_b),"r"(1)'
         found[(n, ty)] = found.get((n, ty), 0) + 1
     assert found == {(n, ty): 1 for n in (128, 192, 256) for ty in ("bf16", "f16")}
+
+
+WORDS_HARNESS = PRELUDE + CUDA_SHIMS + r"""
+@HEADERS@
+// stdin: N, K, the N * K / 16 digit words; stdout: the codes of every run, as the GEMV reads
+// them (bonsai_words_codes16 of the run's stage).
+int main() {
+  int n, k;
+  if (scanf("%d %d", &n, &k) != 2) return 1;
+  std::vector<uint32_t> words(size_t(n) * (k / 16));
+  for (auto& w : words) scanf("%u", &w);
+  for (int r = 0; r < n; ++r) {
+    for (int run = 0; run < k / 16; ++run) {
+      const uint32_t* s = &words[size_t(r) * (k / 16) + run / 4 * 4];
+      const BonsaiCodes16 codes = bonsai_words_codes16(uint4{s[0], s[1], s[2], s[3]}, run % 4);
+      for (float c : codes.c) printf("%d\n", int(c));
+    }
+  }
+  return 0;
+}
+"""
+
+
+def test_gemv_reads_digit_words_as_the_reference(tmp_path_factory):
+    """The CUDA GEMV's decoder of ternary digit words (bonsai_words_codes16) gives every input
+    of a row the code the reference unpack gives it."""
+    exe = compile_harness(tmp_path_factory, WORDS_HARNESS,
+                          HEADERS="bonsai_decode.h bonsai_cuda.cuh")
+    n, k = 5, 3 * 128
+    weight, scales = kernels.random_packed("ternary", n, k, key=mx.random.key(11))
+    words = np.array(kernels._words_of(weight))
+    text = " ".join(map(str, [n, k, *words.reshape(-1)]))
+    out = subprocess.run([str(exe)], input=text, check=True, capture_output=True, text=True)
+    codes = np.array(out.stdout.split(), dtype=np.int64).reshape(n, k)
+    want = np.array(kernels.unpack_ternary(weight, mx.ones_like(scales), mx.float32))
+    assert np.array_equal(codes, want) and {-1, 0, 1} <= set(codes.reshape(-1))

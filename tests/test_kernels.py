@@ -12,12 +12,14 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import fields_of, rel_err, unfields
+from conftest import rel_err
 
-from mlx_bonsai import kernels
+from mlx_bonsai import kernels, packing, quant
 from mlx_bonsai.errors import BonsaiError, ConfigError, WeightsError
+from mlx_bonsai.weights import load_into
 
 K = 384  # three groups: a multiple of 128, not of the GEMV's 512-input lane sweep
 N = 72  # not a multiple of the 16-row GEMV block or the 64-row GEMM tile
@@ -388,6 +390,7 @@ class FakeCudaFactory:
 
     def __init__(self):
         self.built, self.launches, self.headers, self.sources = [], [], {}, {}
+        self.break_fields = 0  # bits the pass flips in every word
 
     def __call__(self, *, name, input_names, output_names, source, header, ensure_row_contiguous,
                  shared_memory=0):
@@ -406,12 +409,16 @@ class FakeCudaFactory:
                                   output_dtypes[1:]))
             extra = [mx.zeros(s, d)
                      for s, d in zip(output_shapes[1:], output_dtypes[1:], strict=True)]
-            if name == "bonsai_fields":
-                return [fields_of(inputs[0])]
-            if name == "bonsai_wgmma" and template["TERNARY"]:
-                x, fields, scales = inputs
-                dense = unfields(fields) * mx.repeat(scales.astype(mx.float32), 128, axis=1)
-                return [(x.astype(mx.float32) @ dense.T).astype(output_dtypes[0])] + extra
+            if name == "bonsai_fields":  # the pass: digit words, unless told to break them
+                words = packing.pack_trit_words(packing.unpack_trits(np.array(inputs[0])))
+                return [mx.array(words ^ np.uint32(self.break_fields))]
+            # The kernels' weight layouts: wgmma reads ternary digit words only; the GEMV reads
+            # them when told to (WORDS), base-3 bytes otherwise.
+            words = template["TERNARY"] and inputs[1].dtype == mx.uint32
+            if name == "bonsai_wgmma":
+                assert words == template["TERNARY"]
+            if name == "bonsai_gemv":
+                assert template["WORDS"] == words
             return [correct_answer(name, inputs, template, output_shapes[0],
                                    output_dtypes[0])] + extra
 
@@ -488,6 +495,87 @@ def test_wgmma_launch(fake_hopper, kind, m, n, tile):
         fields = fake_hopper.launches[-2]
         assert fields[0] == "bonsai_fields" and fields[4] == (n, K // 16)
         assert fields[5] == mx.uint32 and fields[2] == (n * K // 128, 1, 1)
+
+
+class _Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = quant.Linear(K, N)
+        self.b = quant.Linear(K, N)
+        self.c = quant.Linear(K, N)
+
+
+def _packed_model():
+    """Three linears as loaded from a checkpoint: ternary, binary and dense."""
+    tensors = {}
+    for name, kind in (("a", "ternary"), ("b", "binary")):
+        w, s = kernels.random_packed(kind, N, K, key=mx.random.key(ord(name)))
+        tensors.update({f"{name}.weight": w, f"{name}.scales": s})
+    tensors["c.weight"] = mx.random.normal((N, K)).astype(mx.bfloat16)
+    model = _Layers()
+    load_into(model, quant.match_storage(model, tensors, "test"), "test")
+    return model, tensors
+
+
+@pytest.mark.parametrize("m, strategy", [(3, "gemv"), (70, "wgmma"), (1536, "wgmma")])
+def test_hopper_holds_ternary_layers_as_digit_words(fake_hopper, recwarn, m, strategy):
+    """After loading on a Hopper GPU, ternary layers hold digit words (made by the GPU pass),
+    every other layer stays as loaded; the dispatch sends the words to the GEMV (told WORDS) or
+    the wgmma kernel, with no per-call pass, and the answers stay those of the base-3 bytes."""
+    model, tensors = _packed_model()
+    quant.use_device_layout(model, mx.bfloat16)
+    assert model.a.weight.dtype == mx.uint32 and model.a.weight.shape == (N, K // 16)
+    words = kernels._words_of(tensors["a.weight"])
+    assert np.array_equal(np.array(model.a.weight), np.array(words))
+    assert model.b.weight is tensors["b.weight"] and model.c.weight.dtype == mx.bfloat16
+    x = mx.random.normal((m, K)).astype(mx.bfloat16)
+    before = len(fake_hopper.launches)
+    y = model.a(x)
+    ref = kernels.reference_matmul(x, tensors["a.weight"], tensors["a.scales"], "ternary")
+    assert rel_err(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))) <= 1e-2
+    last = fake_hopper.launches[-1]
+    assert last[0] == f"bonsai_{strategy}" and last[1]["TERNARY"]
+    assert last[1].get("WORDS", True)
+    calls = [launch[0] for launch in fake_hopper.launches[before:]]
+    assert "bonsai_fields" not in calls[calls.index(last[0]):]  # self-check first, then the call
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("setting", ["cpu", "float32", "gemm", "reference", "pass fails"])
+def test_ternary_layers_stay_base3_bytes_elsewhere(fake_hopper, monkeypatch, setting):
+    """Not on the CPU, not for float32 activations (no wgmma kernel), not when
+    MLX_BONSAI_KERNELS picks another path, and not when the GPU pass fails its self-check (with
+    one warning)."""
+    dtype = mx.float32 if setting == "float32" else mx.bfloat16
+    if setting == "cpu":
+        monkeypatch.setattr(kernels, "_device_backend", lambda: None)
+    if setting in ("gemm", "reference"):
+        monkeypatch.setenv(kernels.ENV_VAR, setting)
+    if setting == "pass fails":
+        fake_hopper.break_fields = 1 << 30
+    model, tensors = _packed_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quant.use_device_layout(model, dtype)
+    assert model.a.weight is tensors["a.weight"]
+    assert [str(w.message) for w in caught] == (
+        ["mlx_bonsai: the cuda pass that makes ternary digit words failed its self-check "
+         "(words differ); ternary layers stay base-3 bytes"] if setting == "pass fails" else [])
+
+
+def test_digit_words_refuse_kernels_that_read_bytes(fake_hopper, monkeypatch):
+    weight, scales = kernels.random_packed("ternary", N, K)
+    words = kernels._words_of(weight)
+    x = mx.random.normal((70, K)).astype(mx.bfloat16)
+    for strategy in ("gemm", "scratch"):
+        with pytest.raises(ConfigError, match="digit words run on the CUDA gemv and wgmma"):
+            kernels.packed_matmul(x, words, scales, "ternary", strategy=strategy)
+    monkeypatch.setenv(kernels.ENV_VAR, "scratch")
+    with pytest.raises(ConfigError, match="set MLX_BONSAI_KERNELS before loading the model"):
+        kernels.packed_matmul(x, words, scales, "ternary")
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")  # the reference reads them
+    y = kernels.packed_matmul(x, words, scales, "ternary")
+    assert mx.array_equal(y, kernels.reference_matmul(x, weight, scales, "ternary")).item()
 
 
 @pytest.mark.parametrize("kind", kernels.KINDS)

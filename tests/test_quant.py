@@ -14,12 +14,14 @@ from mlx_bonsai.packing import (
     fit_binary,
     fit_ternary,
     pack_bits,
+    pack_trit_words,
     pack_trits,
     quantize_binary,
     quantize_ternary,
     repack_affine,
     round_scales,
     unpack_bits,
+    unpack_trit_words,
     unpack_trits,
 )
 from mlx_bonsai.weights import load_into
@@ -79,16 +81,19 @@ def _load(tensors, n_in, quantization=None):
     return model.lin
 
 
-@pytest.mark.parametrize("storage", ["dense", "affine1", "affine2", "binary", "ternary"])
+@pytest.mark.parametrize("storage", ["dense", "affine1", "affine2", "binary", "ternary",
+                                     "ternary-words"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("n_in", [384, 640])
 def test_forward_matches_float64(storage, dtype, n_in):
     rng = np.random.default_rng(n_in)
-    tensors, w = _random_layer(storage, n_in, rng)
+    tensors, w = _random_layer(storage.removesuffix("-words"), n_in, rng)
     if storage == "dense":  # the loader casts dense weights to the model dtype (exact here)
         tensors["lin.weight"] = tensors["lin.weight"].astype(dtype)
     lin = _load(tensors, n_in)
-    assert lin.storage == storage.rstrip("12")
+    if storage == "ternary-words":  # as held on Hopper GPUs (here: the reference path)
+        lin.weight = mx.array(pack_trit_words(unpack_trits(np.array(lin.weight))))
+    assert lin.storage == storage.rstrip("12").removesuffix("-words")
     for m in (1, 3, 17, 130):
         x = mx.array(rng.standard_normal((m, n_in)).astype(np.float32)).astype(dtype)
         y = lin(x)
@@ -106,11 +111,15 @@ def test_forward_matches_float64(storage, dtype, n_in):
         assert rel_err(np.array(y.astype(mx.float32)), ref[..., start:stop]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("storage", ["binary", "ternary"])
+@pytest.mark.parametrize("storage", ["binary", "ternary", "ternary-words"])
 def test_unpack_is_exact(storage):
     rng = np.random.default_rng(1)
-    tensors, w = _random_layer(storage, 384, rng)
-    unpack = kernels.unpack_binary if storage == "binary" else kernels.unpack_ternary
+    tensors, w = _random_layer(storage.removesuffix("-words"), 384, rng)
+    unpack = {"binary": kernels.unpack_binary, "ternary": kernels.unpack_ternary,
+              "ternary-words": kernels.unpack_ternary_words}[storage]
+    if storage == "ternary-words":
+        tensors["lin.weight"] = mx.array(pack_trit_words(unpack_trits(
+            np.array(tensors["lin.weight"]))))
     for dtype in (mx.float32, mx.bfloat16):
         dense = unpack(tensors["lin.weight"], tensors["lin.scales"], dtype)
         assert dense.dtype == dtype
@@ -211,6 +220,21 @@ def test_trit_layout_follows_the_spec():
         assert packed[r, 26 * g + j] == sum(d * 3**i for i, d in enumerate(digits))
     assert packed.max() <= 242 and packed[:, [25, 51]].max() < 27
     np.testing.assert_array_equal(unpack_trits(packed), t)
+
+
+def test_trit_words_hold_each_lane_its_fragment_inputs():
+    """Digit words, read independently of packing's tables: word w of a 64-input stage belongs
+    to wgmma lane w, whose A fragments of each 16-input run r are inputs 2w, 2w+1, 2w+8, 2w+9;
+    run r's four digits fill nibbles 0-3 of half-word r // 2, 2 (r % 2) bits in."""
+    rng = np.random.default_rng(7)
+    t = rng.integers(0, 3, (3, 256))
+    words = pack_trit_words(t)
+    assert words.dtype == np.uint32 and words.shape == (3, 16)
+    for row, stage, w, r in itertools.product(range(3), range(4), range(4), range(4)):
+        inputs = [64 * stage + 16 * r + j for j in (2 * w, 2 * w + 1, 2 * w + 8, 2 * w + 9)]
+        half = (int(words[row, 4 * stage + w]) >> (16 * (r // 2))) & 0xFFFF
+        assert [(half >> (4 * i + 2 * (r % 2))) & 3 for i in range(4)] == list(t[row, inputs])
+    np.testing.assert_array_equal(unpack_trit_words(words), t)
 
 
 # --- quantization rules --------------------------------------------------------------------
