@@ -10,14 +10,18 @@
 Checks (each fails the run): every strategy and kind at every benchmark shape, and a sweep of
 dtypes (bf16, fp16, fp32) and ragged shapes, on fresh random inputs with outputs poisoned with NaN
 (init_value) so unwritten elements fail; relative error max|y - ref| / max|ref| <= 1e-2 against
-x(float32) @ W(float32)^T, NaN never passes. Then the dispatch (packed_matmul) must pass its
-self-checks without a warning.
+x(float32) @ W(float32)^T, NaN never passes. Where the device holds ternary layers as digit
+words (Hopper; kernels.holds_ternary_words), the kernels that take them (gemv:words,
+wgmma:words) are checked on the words the GPU pass makes too. Then the dispatch (packed_matmul)
+must pass its self-checks without a warning, on base-3 bytes and on held words.
 Timing: median time per call (`kernels.time_call`: runs of calls, each queued as its own
 evaluation so that the GPU runs them one after another, as a model's dependent layers run; at
 M = 1, where the host decides, each run's calls are evaluated together) of MLX's bf16 matmul (the
 ceiling), MLX's quantized_matmul with bits 2 and 1 (where the backend has it), and our kernels
 per strategy, launched as packed_matmul's plans launch them (`KernelSet.launcher`: kernel,
-template and grid decided once per shape); TFLOP/s = 2*M*N*K / time. With --rounds R, each
+template and grid decided once per shape), ternary gemv and wgmma on digit words where the device
+holds them (then "gemv-bytes" and "wgmma-bytes" are the same kernels on base-3 bytes, the wgmma
+one with its per-call pass, for comparison); TFLOP/s = 2*M*N*K / time. With --rounds R, each
 shape's calls are timed in R rounds, every call once per round (each round starting one call
 later), and the median round counts.
 """
@@ -95,12 +99,23 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra=((), ()),
     for s, (strategy, variant) in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":
             continue  # MLX's CUDA matmul itself rejects such x (cuBLASLt error 15), dense too
-        y = ks.run(strategy, x, weight, scales, kind, init_value=math.nan, variant=variant)
-        err = relative_error(y, ref)
-        errs[s] = err
-        if not err <= TOLERANCE:
-            failures.append(f"{kind} {s} {dtype} M={m} N={n} K={k}: rel err {err}")
+        runs = [(s, weight)]
+        if kind == "ternary" and strategy in kernels.WORDS_STRATEGIES and holds_words(dtype):
+            runs.append((f"{s}:words", kernels.ternary_words(weight)))
+        for label, w in runs:
+            y = ks.run(strategy, x, w, scales, kind, init_value=math.nan, variant=variant)
+            err = relative_error(y, ref)
+            errs[label] = err
+            if not err <= TOLERANCE:
+                failures.append(f"{kind} {label} {dtype} M={m} N={n} K={k}: rel err {err}")
     return errs
+
+
+def holds_words(dtype) -> bool:
+    """Whether this device holds ternary layers as digit words for `dtype` activations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failing pass self-check fails the run
+        return kernels.holds_ternary_words(dtype)
 
 
 def run_checks(ks, extra):
@@ -131,12 +146,16 @@ def run_checks(ks, extra):
             for m in (1, 3, 100, 1536, 4608):
                 seed += 1
                 x, weight, scales = inputs(kind, m, 3072, 3072, dtype, mx.bfloat16, seed)
-                with kernels.fused_only() if fused else contextlib.nullcontext():
-                    y = kernels.packed_matmul(x, weight, scales, kind)
-                err = relative_error(y, reference(x, weight, scales, kind))
-                if not err <= TOLERANCE:
-                    failures.append(f"packed_matmul {kind} {dtype} M={m} fused_only={fused}: "
-                                    f"rel err {err}")
+                held = [weight]
+                if kind == "ternary" and holds_words(dtype):
+                    held.append(kernels.ternary_words(weight))
+                for w in held:
+                    with kernels.fused_only() if fused else contextlib.nullcontext():
+                        y = kernels.packed_matmul(x, w, scales, kind)
+                    err = relative_error(y, reference(x, weight, scales, kind))
+                    if not err <= TOLERANCE:
+                        failures.append(f"packed_matmul {kind} ({w.dtype}) {dtype} M={m} "
+                                        f"fused_only={fused}: rel err {err}")
     worst = max((e for row in log for e in row["errors"].values()), default=math.nan)
     print(f"checks: {sum(len(r['errors']) for r in log)} kernel runs + dispatch, "
           f"worst rel err {worst:.2e}, {len(failures)} failures")
@@ -180,11 +199,17 @@ def run_timing(ks, extra, rounds):
             calls = 50 if flop < 1e10 else 10 if flop < 1e11 else 3
             fns = baselines(x, wb, sb)
             cands = candidates(ks, m, mx.bfloat16, *extra)
+            words = kernels.ternary_words(wt) if holds_words(mx.bfloat16) else None
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
                 for label, (strategy, variant) in cands.items():
+                    held = words is not None and kind == "ternary" and \
+                        strategy in kernels.WORDS_STRATEGIES
                     launch = ks.launcher(strategy, m, n, k, mx.bfloat16, mx.bfloat16, kind,
-                                         variant=variant)
-                    fns[f"{kind}_{label}"] = functools.partial(launch, x, w, s)
+                                         variant=variant, words=held)
+                    fns[f"{kind}_{label}"] = functools.partial(launch, x, words if held else w, s)
+                    if held and label in kernels.WORDS_STRATEGIES:  # the same on base-3 bytes
+                        launch = ks.launcher(strategy, m, n, k, mx.bfloat16, mx.bfloat16, kind)
+                        fns[f"{kind}_{label}-bytes"] = functools.partial(launch, x, w, s)
             runs = {key: [] for key, fn in fns.items() if fn}
             keys = list(runs)
             for r in range(rounds):
@@ -214,7 +239,7 @@ def print_table(rows, labels):
         cells = []
         for s in labels:
             b, t = r.get(f"binary_{s}"), r.get(f"ternary_{s}")
-            cells.append(f"{fmt_ms(b)}/{fmt_ms(t)}" if b else f"{'-':>15}")
+            cells.append(f"{fmt_ms(b)}/{fmt_ms(t)}" if b or t else f"{'-':>15}")
         print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} | " + " | ".join(cells))
     print("\nTime per call (ms); ours = best strategy [name]; ratios ours/bf16 and q2/ours:")
     head = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'q2':>7} {'q1':>7} | "
@@ -223,8 +248,9 @@ def print_table(rows, labels):
     print(head)
     for r in rows:
         best = {}
-        for kind in KINDS:
-            cand = {s: r[f"{kind}_{s}"] for s in labels if f"{kind}_{s}" in r}
+        for kind in KINDS:  # the best strategy on the layout the device holds
+            cand = {s: r[f"{kind}_{s}"] for s in labels
+                    if f"{kind}_{s}" in r and not s.endswith("-bytes")}
             s = min(cand, key=cand.get)
             best[kind] = (s, cand[s])
         tb, tt = best["binary"][1], best["ternary"][1]
@@ -280,6 +306,8 @@ def main() -> int:
     if rows:
         labels = (list(STRATEGIES) + ["gemm@" + "x".join(map(str, t)) for t in extra_tiles]
                   + ["wgmma@" + "x".join(map(str, t)) for t in extra_wgmma])
+        labels += [f"{s}-bytes" for s in kernels.WORDS_STRATEGIES
+                   if any(f"ternary_{s}-bytes" in r for r in rows)]
         print_table(rows, labels)
     if args.json:
         with open(args.json, "w") as f:
