@@ -111,33 +111,4 @@ __device__ __forceinline__ uint32_t bonsai_binary_pair(uint32_t bits, uint32_t s
   return s2 ^ (((~bits & 3u) * 0x40008000u) & 0x80008000u);
 }
 
-// PTX prmt, default mode: byte i of the result is byte c[4i+2:4i] of b:a (sign-replicated if
-// c[4i+3]); only c's low 16 bits are read. Not __byte_perm, which masks c with 0x7777 first: an
-// instruction more per permute, and our selectors never set bit 3. (tests/test_cuda_decode.py
-// supplies a host version.)
-#ifdef __CUDA_ARCH__
-__device__ __forceinline__ uint32_t bonsai_prmt(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-#endif
-
-// A lane's two pairs of ternary weights of run `run` (0-3) of a stage (inputs 2t, 2t+1 and
-// 2t+8, 2t+9) from its stage word (16 base-3 digits of 2 bits, see packed_fields.cu) as words of
-// two T: 0, +s or -s, copied byte by byte. The run's four digits are masked into the low bits of
-// four nibbles; a permute through the table 0x00104432 turns each digit into the selectors of
-// its output half (digit 0: bytes 2, 3 of sa, -s; 1: byte 4, i.e. of the zero register, 0;
-// 2: bytes 0, 1, +s); a second permute per pair applies two selectors. `sa` holds the scale's
-// bytes s_lo, s_hi, s_lo, s_hi ^ 0x80: the binary pairs' scale word ^ BONSAI_TERNARY_SA, which
-// negates its high half. Exact; zero is +0.
-#define BONSAI_TERNARY_SA 0x80000000u
-__device__ __forceinline__ void bonsai_ternary_pairs(uint32_t word, int run, uint32_t sa,
-                                                     uint32_t& lo, uint32_t& hi) {
-  const uint32_t digits = (word >> (16 * (run / 2) + 2 * (run % 2))) & 0x3333u;
-  const uint32_t sel = bonsai_prmt(0x00104432u, 0u, digits);
-  lo = bonsai_prmt(sa, 0u, sel);
-  hi = bonsai_prmt(sa, 0u, sel >> 16);
-}
-
 #endif  // BONSAI_WGMMA_CUH

@@ -52,7 +52,27 @@ inline uint32_t bonsai_prmt(uint32_t a, uint32_t b, uint32_t c) {
 }
 """
 
-HARNESS = PRELUDE + r"""
+# What bonsai_cuda.cuh needs besides PRELUDE.
+CUDA_SHIMS = r"""
+struct __nv_bfloat162 { uint16_t lo, hi; };
+struct __half2 { uint16_t lo, hi; };
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint16_t bf16_rn(float f) {  // round to nearest even, as __floats2bfloat162_rn (no NaN here)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {bf16_rn(lo), bf16_rn(hi)};
+}
+inline __half2 __floats2half2_rn(float, float) { return {0, 0}; }  // not instantiated
+inline uint32_t __cvta_generic_to_shared(const void*) { return 0; }
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+"""
+
+HARNESS = PRELUDE + CUDA_SHIMS + r"""
 @HEADERS@
 static void fields_thread(const uint8_t* weight, Shape weight_shape, uint32_t* fields,
                           dim3 blockIdx, dim3 blockDim, dim3 threadIdx) {
@@ -134,7 +154,8 @@ def compile_harness(tmp_path_factory, harness: str, **parts: str) -> Path:
 
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
-    exe = compile_harness(tmp_path_factory, HARNESS, HEADERS="bonsai_decode.h bonsai_wgmma.cuh",
+    exe = compile_harness(tmp_path_factory, HARNESS,
+                          HEADERS="bonsai_decode.h bonsai_cuda.cuh bonsai_wgmma.cuh",
                           FIELDS="packed_fields.cu")
 
     def decode(kind: str, weight: mx.array, scales: mx.array) -> np.ndarray:
@@ -178,25 +199,6 @@ def test_ternary_pass_writes_the_documented_layout(decoder):
     trits = packing.unpack_trits(np.array(weight))
     assert np.array_equal(decoder("fields", weight, scales), packing.pack_trit_words(trits))
 
-
-# What bonsai_cuda.cuh needs besides PRELUDE.
-CUDA_SHIMS = r"""
-struct __nv_bfloat162 { uint16_t lo, hi; };
-struct __half2 { uint16_t lo, hi; };
-struct float4 { float x, y, z, w; };
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline uint16_t bf16_rn(float f) {  // round to nearest even, as __floats2bfloat162_rn (no NaN here)
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
-  return {bf16_rn(lo), bf16_rn(hi)};
-}
-inline __half2 __floats2half2_rn(float, float) { return {0, 0}; }  // not instantiated
-inline uint32_t __cvta_generic_to_shared(const void*) { return 0; }
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-"""
 
 DECODE_HARNESS = PRELUDE + CUDA_SHIMS + r"""
 @HEADERS@
