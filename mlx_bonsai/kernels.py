@@ -109,8 +109,8 @@ _THRESHOLDS = {"metal": (4, 512), "cuda": (4, 512)}
 # on wgmma instead of scratch took 1.6-3.1% less time with 1.1-1.3 GB less peak memory: scratch
 # holds every decoded layer of a lazily built step until the GPU has run it. Ternary digit words
 # held since loading ("words", no per-call pass) take it from the first row past the GEMV, as
-# binary does (session 23, H100, 64 rows: 0.85-0.94x bf16 at K = 3072, 1.6-2.0x at 9216 and 12288,
-# where scratch on bytes took 1.4-1.8x; the portable GEMM on bytes 1.9-6.0x. The model's packed
+# binary does (session 23, H100, 64 rows: 0.85-0.95x bf16 at K = 3072, 1.6-2.0x at 9216 and 12288,
+# where scratch on bytes took 1.4-1.8x; the portable GEMM on bytes 1.8-6.0x. The model's packed
 # calls all have 512 rows or more).
 _WGMMA_FROM = {"binary": 1, "ternary": 512, "words": 1}
 # (BM, WG, STAGES) of the wgmma launches: BM rows of x by 64 * WG weight rows per block, a ring of
