@@ -1,14 +1,15 @@
-"""CUDA weight decoding run on the CPU from the real source text: the Hopper kernel's decoders
-and the decode to scratch.
+"""CUDA weight decoding run on the CPU from the real source text: the Hopper kernel's decoders,
+the GEMV's digit-word decoder and the decode to scratch.
 
 packed_wgmma.cu cannot run here (no GPU; benchmarks/kernels.py checks it on one). What can: its
 decode arithmetic. metal/packed_fields.cu (ternary base-3 -> per-lane digit words) executes
-thread by thread as host C++, and the pair decoders of metal/bonsai_wgmma.cuh rebuild every
-weight of a row from the words that packed_wgmma.cu feeds them (per k16 step, lane t: pairs
-(2t, 2t+1) and (2t+8, 2t+9)); the result must equal the reference unpack bit for bit.
-packed_decode.cu runs whole, thread by thread, over the launch the dispatch makes, with the
-same bit-for-bit check. The wgmma asm statements, as the preprocessor expands bonsai_wgmma.cuh's
-macros, must name every operand once, in the order PTX reads them.
+thread by thread as host C++, and the pair decoders (bonsai_wgmma.cuh's binary, bonsai_cuda.cuh's
+ternary) rebuild every weight of a row from the words that packed_wgmma.cu feeds them (per k16
+step, lane t: pairs (2t, 2t+1) and (2t+8, 2t+9)); the result must equal the reference unpack bit
+for bit, as must the codes the GEMV reads from held digit words. packed_decode.cu runs whole,
+thread by thread, over the launch the dispatch makes, with the same bit-for-bit check. The wgmma
+asm statements, as the preprocessor expands bonsai_wgmma.cuh's macros, must name every operand
+once, in the order PTX reads them.
 """
 
 import re
