@@ -3,8 +3,9 @@
 One object holds the loaded components between calls; prompt embeddings are cached per
 prompt. `low_memory=True` keeps only what the current phase needs resident: the text encoder
 is dropped after encoding, the transformer before decoding, each transformer block is
-computed in parts (attention, MLP), one part in flight at a time, packed layers run on fused
-kernels only (never decoded to dense copies), and the VAE decodes in tiles.
+computed in parts (attention, MLP), one part in flight at a time, packed layers stay as stored
+(on Hopper GPUs ternary ones are otherwise held as larger digit words) and run on fused kernels
+only (never decoded to dense copies), and the VAE decodes in tiles.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ class BonsaiPipeline:
 
     def _load_transformer(self) -> Transformer:
         if self._transformer is None:
-            self._transformer = load_transformer(self.files.transformer, self.dtype)
+            self._transformer = load_transformer(self.files.transformer, self.dtype,
+                                                 device_layout=not self.low_memory)
             mx.eval(self._transformer.parameters())
         return self._transformer
 

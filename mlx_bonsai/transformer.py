@@ -548,24 +548,28 @@ def load_weights(
     where: str,
     quantization: dict[str, Any] | None = None,
     dtype: mx.Dtype = mx.bfloat16,
+    device_layout: bool = True,
 ) -> None:
     """Checkpoint tensors into `model`: fuse (`sanitize`), pick each linear's storage
     (`quant.match_storage`), cast dense tensors to `dtype` (quantization scales keep their stored
-    dtype), load strictly, then lay packed weights out for this device
-    (`quant.use_device_layout`)."""
+    dtype), load strictly, then, if `device_layout`, lay packed weights out for this device's
+    fastest kernels (`quant.use_device_layout`; False keeps them as stored, the smallest)."""
     weights = sanitize(weights, model.config.num_layers, where)
     weights = quant.match_storage(model, weights, where, quantization)
     load_into(model, cast_floats(weights, dtype, keep=(".scales", ".biases")), where)
-    quant.use_device_layout(model, dtype)
+    if device_layout:
+        quant.use_device_layout(model, dtype)
 
 
-def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
+def load_transformer(
+    directory: str | Path, dtype: mx.Dtype = mx.bfloat16, device_layout: bool = True
+) -> Transformer:
     """Build the transformer from `directory/config.json` and load its safetensors weights.
 
     Dense (diffusers), PrismML's MLX packs (with `quantization_config.json`) and bonsai-packed
     (with `bonsai.json`) directories all load here; `quant.match_storage` picks each linear's
     storage from its tensors. Dense tensors are cast to `dtype`; quantization scales keep their
-    stored dtype.
+    stored dtype. `device_layout`: see `load_weights`.
     """
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -576,7 +580,8 @@ def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Tr
     qconfig = directory / "quantization_config.json"
     quantization = read_json(qconfig) if qconfig.is_file() else None
     model = Transformer(cfg)
-    load_weights(model, load_safetensors_dir(directory), str(directory), quantization, dtype)
+    load_weights(model, load_safetensors_dir(directory), str(directory), quantization, dtype,
+                 device_layout)
     return model
 
 

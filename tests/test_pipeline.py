@@ -14,7 +14,7 @@ from tiny_packs import SCHEDULER_CONFIG, TINY_CONFIG, write_dense_klein, write_p
 from tiny_text import reference_qwen3
 from transformers import Qwen2Tokenizer
 
-from mlx_bonsai import BonsaiPipeline, kernels
+from mlx_bonsai import BonsaiPipeline, kernels, quant
 from mlx_bonsai.errors import BonsaiError
 from mlx_bonsai.transformer import Transformer
 
@@ -114,8 +114,18 @@ def test_result_and_reuse(prism_model):
 
 def test_low_memory_releases_and_reloads(prism_model, monkeypatch):
     root, _ = prism_model
+    # Packed weights are laid out for the device (quant.use_device_layout) except in low-memory
+    # mode, which keeps the smallest, stored layout.
+    laid_out, use_device_layout = [], quant.use_device_layout
+
+    def recording_layout(model, dtype):
+        laid_out.append(dtype)
+        use_device_layout(model, dtype)
+
+    monkeypatch.setattr(quant, "use_device_layout", recording_layout)
     pipe = BonsaiPipeline.from_pretrained(str(root), dtype="float32", low_memory=True)
     full = BonsaiPipeline.from_pretrained(str(root), dtype="float32")
+    assert laid_out == [mx.float32]  # the full pipeline's transformer, loaded up front
     # Each step evaluates block by block, with packed layers on fused kernels only.
     modes, step = [], Transformer.__call__
 
@@ -126,6 +136,7 @@ def test_low_memory_releases_and_reloads(prism_model, monkeypatch):
     monkeypatch.setattr(Transformer, "__call__", recording_step)
     a = pipe(PROMPT, width=64, height=64, seed=1)
     assert modes and set(modes) == {(True, True)} and not kernels._FUSED_ONLY.get()
+    assert laid_out == [mx.float32]  # the low-memory one loaded its transformer as stored
     monkeypatch.undo()
     assert pipe._text_encoder is None and pipe._transformer is None
     b = pipe(PROMPT, width=64, height=64, seed=1)  # transformer reloads, embedding cached
