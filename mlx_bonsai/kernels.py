@@ -26,10 +26,10 @@ one of four kernel strategies on the GPU, or the pure-MLX reference:
              (MLX_BONSAI_KERNELS=reference) and the fallback.
 
 Ternary digit words: on Hopper GPUs the model holds ternary layers as 2-bit digit words instead
-of base-3 bytes (`holds_ternary_words`; `quant.use_device_layout` converts them once at load), 32
-bytes a group of 128 instead of 26, because making them per call cost 2.5-11% of every ternary
-call (BENCHMARKS.md). The CUDA GEMV and the wgmma kernel take them (`WORDS_STRATEGIES`); the
-reference unpacks them (`unpack_ternary_words`).
+of base-3 bytes (`holds_ternary_words`; `quant.use_device_layout` converts them once at load,
+except in the low-memory pipeline), 32 bytes a group of 128 instead of 26, because making them
+per call cost 2.5-11% of every ternary call (BENCHMARKS.md). The CUDA GEMV and the wgmma kernel
+take them (`WORDS_STRATEGIES`); the reference unpacks them (`unpack_ternary_words`).
 
 The strategy is picked per (M, N, K): `tune()` measures on this GPU; untuned shapes use
 `default_strategy` (measured on an H100 and an H200 for CUDA, see BENCHMARKS.md; for Metal
