@@ -96,12 +96,14 @@ def check(ks, failures, kind, m, n, k, dtype, scale_dtype, seed, extra=((), ()),
     if misaligned:  # x 2 or 4 bytes past an aligned address: the kernels' element-wise loads
         x = kernels.misaligned(x)
     errs = {}
+    # The words this device would hold (made once by the GPU pass), for the kernels that read them.
+    words = kernels.ternary_words(weight) if kind == "ternary" and holds_words(dtype) else None
     for s, (strategy, variant) in candidates(ks, m, dtype, *extra).items():
         if misaligned and s.startswith("scratch") and ks.backend == "cuda":
             continue  # MLX's CUDA matmul itself rejects such x (cuBLASLt error 15), dense too
         runs = [(s, weight)]
-        if kind == "ternary" and strategy in kernels.WORDS_STRATEGIES and holds_words(dtype):
-            runs.append((f"{s}:words", kernels.ternary_words(weight)))
+        if words is not None and ks.takes_words(strategy):
+            runs.append((f"{s}:words", words))
         for label, w in runs:
             y = ks.run(strategy, x, w, scales, kind, init_value=math.nan, variant=variant)
             err = relative_error(y, ref)
@@ -202,8 +204,7 @@ def run_timing(ks, extra, rounds):
             words = kernels.ternary_words(wt) if holds_words(mx.bfloat16) else None
             for kind, w, s in (("binary", wb, sb), ("ternary", wt, st)):
                 for label, (strategy, variant) in cands.items():
-                    held = words is not None and kind == "ternary" and \
-                        strategy in kernels.WORDS_STRATEGIES
+                    held = words is not None and kind == "ternary" and ks.takes_words(strategy)
                     launch = ks.launcher(strategy, m, n, k, mx.bfloat16, mx.bfloat16, kind,
                                          variant=variant, words=held)
                     fns[f"{kind}_{label}"] = functools.partial(launch, x, words if held else w, s)

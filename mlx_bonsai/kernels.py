@@ -249,6 +249,10 @@ class KernelSet:
             return self.backend == "cuda" and dtype != mx.float32 and _hopper()
         return not (self.backend == "cuda" and strategy == "gemm" and dtype == mx.float32)
 
+    def takes_words(self, strategy: str) -> bool:
+        """Whether `strategy`'s kernel reads ternary digit words (CUDA gemv and wgmma)."""
+        return self.backend == "cuda" and strategy in WORDS_STRATEGIES
+
     def gemm_tile(self, m: int) -> tuple[int, int, int]:
         """(BM = BN, WM, WN) of the GEMM launch for m rows. On CUDA, past 64 rows, 128 x 128
         tiles with 64 x 64 per warp (measured 10-15% faster than 64 x 32 per warp on an H100)."""
@@ -374,7 +378,7 @@ class KernelSet:
         a step; other ranks go through [m, k]. `words`: the weight is ternary digit words
         (CUDA gemv and wgmma only)."""
         ternary = kind == "ternary"
-        if words and (self.backend != "cuda" or strategy not in WORDS_STRATEGIES):
+        if words and not self.takes_words(strategy):
             raise BonsaiError(f"ternary digit words run on the CUDA "
                               f"{' and '.join(WORDS_STRATEGIES)} kernels only, not the "
                               f"{self.backend} {strategy} one")
@@ -733,11 +737,11 @@ def _plan(x: mx.array, weight: mx.array, scales: mx.array, kind: str, group_size
     strategy = strategy or choose_strategy(backend, kind, m, n, k, x.dtype, words)
     if strategy not in STRATEGIES:
         raise BonsaiError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
-    if words and (backend != "cuda" or strategy not in WORDS_STRATEGIES):
+    ks = kernel_set(backend)
+    if words and not ks.takes_words(strategy):  # before the self-check, which would hide it
         raise ConfigError(f"ternary weights held as digit words run on the CUDA "
                           f"{' and '.join(WORDS_STRATEGIES)} kernels only, not {backend} "
                           f"{strategy}; set {ENV_VAR} before loading the model")
-    ks = kernel_set(backend)
     if not ks.supports(strategy, x.dtype):
         raise ConfigError(f"the {backend} {strategy} kernel does not take {x.dtype} activations "
                           f"(strategy forced by {ENV_VAR} or the caller)")
